@@ -1,0 +1,187 @@
+/* Implementation of bus/mcu.h.  Properties are read straight from struct
+ * mcu (every exported string is kept non-NULL by core/mcu.c). */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "bus/bus.h"
+#include "bus/errors.h"
+#include "bus/mcu.h"
+#include "core/daemon.h"
+#include "shared/log.h"
+
+#define MCU_INTERFACE "io.mcuflash1.Mcu"
+
+static int mcu_find(sd_bus *bus, const char *path, const char *interface, void *userdata,
+                    void **found, sd_bus_error *error) {
+        struct daemon *d = userdata;
+        struct mcu *m = registry_find_by_path(d->registry, path);
+
+        if (!m)
+                return 0;
+        *found = m;
+        return 1;
+}
+
+static int mcu_enumerate(sd_bus *bus, const char *prefix, void *userdata, char ***nodes,
+                         sd_bus_error *error) {
+        struct daemon *d = userdata;
+        char **l;
+
+        l = calloc(d->registry->n_mcus + 1, sizeof(char *));
+        if (!l)
+                return -ENOMEM;
+        for (size_t i = 0; i < d->registry->n_mcus; i++) {
+                l[i] = strdup(d->registry->mcus[i]->object_path);
+                if (!l[i]) {
+                        for (size_t j = 0; j < i; j++)
+                                free(l[j]);
+                        free(l);
+                        return -ENOMEM;
+                }
+        }
+        *nodes = l;
+        return 0;
+}
+
+static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        struct mcu *m = userdata;
+        struct daemon *d = m->daemon;
+        void **pending;
+        int r;
+
+        r = daemon_refresh_mcu(d, m);
+        if (r == -ENODEV)
+                return bus_error_setf(error, MCUFLASH_ERROR_DISCONNECTED,
+                                      "MCU %s is offline: plug it in (or power it) and try again.",
+                                      m->id);
+        if (r < 0)
+                return r;
+        pending = realloc(m->pending_refresh, (m->n_pending_refresh + 1) * sizeof(void *));
+        if (!pending)
+                return -ENOMEM;
+        m->pending_refresh = pending;
+        m->pending_refresh[m->n_pending_refresh++] = sd_bus_message_ref(msg);
+        return 1;
+}
+
+void bus_mcu_complete_refresh(struct daemon *d, struct mcu *m, int result) {
+        for (size_t i = 0; i < m->n_pending_refresh; i++) {
+                sd_bus_message *msg = m->pending_refresh[i];
+                _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+
+                if (result >= 0)
+                        (void) sd_bus_reply_method_return(msg, NULL);
+                else {
+                        _cleanup_free_ char *text = NULL;
+
+                        if (asprintf(&text, "MCU %s: %s", m->id,
+                                     isempty(m->state_reason) ? strerror(-result) : m->state_reason) < 0)
+                                text = NULL;
+                        (void) bus_error_from_errno(&error, result, text ?: "identify failed");
+                        (void) sd_bus_reply_method_error(msg, &error);
+                }
+                sd_bus_message_unref(msg);
+        }
+        free(m->pending_refresh);
+        m->pending_refresh = NULL;
+        m->n_pending_refresh = 0;
+        bus_kick(d);
+}
+
+#define MCU_PROPERTY(name, sig, field) \
+        SD_BUS_PROPERTY(name, sig, NULL, offsetof(struct mcu, field), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)
+
+static const sd_bus_vtable mcu_vtable[] = {
+        SD_BUS_VTABLE_START(0),
+        SD_BUS_PROPERTY("Id", "s", NULL, offsetof(struct mcu, id), SD_BUS_VTABLE_PROPERTY_CONST),
+        MCU_PROPERTY("Name", "s", name),
+        MCU_PROPERTY("Transport", "s", transport),
+        MCU_PROPERTY("DevicePath", "s", device_path),
+        MCU_PROPERTY("CanInterface", "s", can_interface),
+        MCU_PROPERTY("CanUuid", "s", can_uuid),
+        MCU_PROPERTY("UsbVendorId", "q", usb_vendor_id),
+        MCU_PROPERTY("UsbProductId", "q", usb_product_id),
+        MCU_PROPERTY("UsbSerial", "s", usb_serial),
+        MCU_PROPERTY("UsbPort", "s", usb_port),
+        MCU_PROPERTY("State", "s", state),
+        MCU_PROPERTY("StateReason", "s", state_reason),
+        MCU_PROPERTY("Bootloader", "s", bootloader),
+        MCU_PROPERTY("Firmware", "s", firmware),
+        MCU_PROPERTY("FirmwareVersion", "s", firmware_version),
+        MCU_PROPERTY("BuildVersions", "s", build_versions),
+        MCU_PROPERTY("McuType", "s", mcu_type),
+        MCU_PROPERTY("FlashStart", "t", flash_start),
+        MCU_PROPERTY("VersionMatchesHost", "s", version_matches_host),
+        MCU_PROPERTY("Job", "o", job),
+        SD_BUS_METHOD("Refresh", "", "", method_refresh, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_VTABLE_END,
+};
+
+static void emit(struct daemon *d, int r, const char *what, const char *path) {
+        if (r < 0)
+                log_warning_errno(r, "Cannot emit %s for %s: %m", what, path);
+}
+
+static void on_mcu_added(void *userdata, struct mcu *m) {
+        struct daemon *d = userdata;
+
+        m->daemon = d;
+        if (!d->bus)
+                return;
+        emit(d, sd_bus_emit_object_added(d->bus, m->object_path), "InterfacesAdded", m->object_path);
+        emit(d, sd_bus_emit_signal(d->bus, MCUFLASH_MANAGER_PATH, "io.mcuflash1.Manager", "McuAdded",
+                                   "o", m->object_path),
+             "McuAdded", m->object_path);
+        bus_kick(d);
+}
+
+static void on_mcu_changed(void *userdata, struct mcu *m, uint64_t mask) {
+        struct daemon *d = userdata;
+        const char *names[_MCU_PROP_MAX + 1];
+        size_t n = 0;
+
+        if (!d->bus)
+                return;
+        for (enum mcu_prop p = 0; p < _MCU_PROP_MAX; p++)
+                if (mask & (UINT64_C(1) << p))
+                        names[n++] = mcu_prop_name(p);
+        names[n] = NULL;
+        emit(d, sd_bus_emit_properties_changed_strv(d->bus, m->object_path, MCU_INTERFACE, (char **) names),
+             "PropertiesChanged", m->object_path);
+        bus_kick(d);
+}
+
+static void on_mcu_removed(void *userdata, struct mcu *m) {
+        struct daemon *d = userdata;
+
+        bus_mcu_complete_refresh(d, m, -ENODEV);
+        if (!d->bus)
+                return;
+        emit(d, sd_bus_emit_signal(d->bus, MCUFLASH_MANAGER_PATH, "io.mcuflash1.Manager", "McuRemoved",
+                                   "o", m->object_path),
+             "McuRemoved", m->object_path);
+        emit(d, sd_bus_emit_object_removed(d->bus, m->object_path), "InterfacesRemoved", m->object_path);
+        bus_kick(d);
+}
+
+int bus_mcu_install(struct daemon *d) {
+        static const struct registry_observer observer = {
+                .added = on_mcu_added,
+                .changed = on_mcu_changed,
+                .removed = on_mcu_removed,
+        };
+        struct registry_observer o = observer;
+        int r;
+
+        r = sd_bus_add_fallback_vtable(d->bus, &d->mcu_slot, MCU_OBJECT_PATH_PREFIX, MCU_INTERFACE,
+                                       mcu_vtable, mcu_find, d);
+        if (r < 0)
+                return r;
+        r = sd_bus_add_node_enumerator(d->bus, &d->mcu_enumerator_slot, MCU_OBJECT_PATH_PREFIX,
+                                       mcu_enumerate, d);
+        if (r < 0)
+                return r;
+        o.userdata = d;
+        registry_set_observer(d->registry, &o);
+        return 0;
+}

@@ -1,0 +1,499 @@
+/* Reader for mcuflashd.conf(5), a systemd-style INI file: "[Section]"
+ * headers, "Key=Value" assignments, whole-line comments starting with # or ;.
+ * It knows the [Klipper] and [Discovery] sections, validates every value and
+ * reports problems with file:line.  A file is applied all or nothing: it is
+ * parsed into a copy of the configuration which replaces the caller's only
+ * when the whole file was valid.  It does not watch the file or reload it;
+ * the daemon reads it once at start-up. */
+#include <ctype.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/config.h"
+#include "shared/log.h"
+#include "shared/macro.h"
+
+#define USEC_PER_SEC UINT64_C(1000000)
+#define DEFAULT_KLIPPER_SERVICE "klipper.service"
+#define DEFAULT_IDENTIFY_TIMEOUT_USEC (5 * USEC_PER_SEC)
+#define DEFAULT_OFFLINE_TIMEOUT_USEC (600 * USEC_PER_SEC)
+
+/* Position in the file being parsed, for messages. */
+struct config_location {
+        const char *path;
+        unsigned line;
+};
+
+static char **strv_free(char **l) {
+        if (!l)
+                return NULL;
+        for (char **i = l; *i; i++)
+                free(*i);
+        free(l);
+        return NULL;
+}
+
+static size_t strv_length(char * const *l) {
+        size_t n = 0;
+
+        if (l)
+                while (l[n])
+                        n++;
+        return n;
+}
+
+static bool strv_contains(char * const *l, const char *s) {
+        if (l)
+                for (char * const *i = l; *i; i++)
+                        if (streq(*i, s))
+                                return true;
+        return false;
+}
+
+/* Append a copy of @s to the NULL-terminated list *@l. */
+static int strv_extend(char ***l, const char *s) {
+        size_t n = strv_length(*l);
+        char **grown;
+        char *copy;
+
+        copy = strdup(s);
+        if (!copy)
+                return -ENOMEM;
+        grown = realloc(*l, (n + 2) * sizeof(char *));
+        if (!grown) {
+                free(copy);
+                return -ENOMEM;
+        }
+        grown[n] = copy;
+        grown[n + 1] = NULL;
+        *l = grown;
+        return 0;
+}
+
+static int strv_copy(char * const *l, char ***ret) {
+        char **copy = NULL;
+        int r;
+
+        if (l)
+                for (char * const *i = l; *i; i++) {
+                        r = strv_extend(&copy, *i);
+                        if (r < 0) {
+                                strv_free(copy);
+                                return r;
+                        }
+                }
+        *ret = copy;
+        return 0;
+}
+
+/* Strip leading and trailing whitespace in place; returns the new start. */
+static char *strip(char *s) {
+        char *end;
+
+        while (isspace((unsigned char) *s))
+                s++;
+        end = s + strlen(s);
+        while (end > s && isspace((unsigned char) end[-1]))
+                end--;
+        *end = '\0';
+        return s;
+}
+
+int config_new(struct config **ret) {
+        _cleanup_(config_freep) struct config *c = NULL;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        c->klipper_service = strdup(DEFAULT_KLIPPER_SERVICE);
+        if (!c->klipper_service)
+                return -ENOMEM;
+        c->identify_timeout_usec = DEFAULT_IDENTIFY_TIMEOUT_USEC;
+        c->offline_timeout_usec = DEFAULT_OFFLINE_TIMEOUT_USEC;
+
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+struct config *config_free(struct config *c) {
+        if (!c)
+                return NULL;
+        free(c->klipper_path);
+        free(c->printer_config);
+        free(c->api_socket);
+        free(c->klipper_service);
+        strv_free(c->extra_serial_devices);
+        free(c);
+        return NULL;
+}
+
+static int config_copy(const struct config *c, struct config **ret) {
+        _cleanup_(config_freep) struct config *copy = NULL;
+
+        copy = calloc(1, sizeof(*copy));
+        if (!copy)
+                return -ENOMEM;
+        if (free_and_strdup(&copy->klipper_path, c->klipper_path) < 0 ||
+            free_and_strdup(&copy->printer_config, c->printer_config) < 0 ||
+            free_and_strdup(&copy->api_socket, c->api_socket) < 0 ||
+            free_and_strdup(&copy->klipper_service, c->klipper_service) < 0 ||
+            strv_copy(c->extra_serial_devices, &copy->extra_serial_devices) < 0)
+                return -ENOMEM;
+        copy->identify_timeout_usec = c->identify_timeout_usec;
+        copy->offline_timeout_usec = c->offline_timeout_usec;
+
+        *ret = TAKE_PTR(copy);
+        return 0;
+}
+
+/* Move every field of @from into @to (whose old contents are freed). */
+static void config_replace(struct config *to, struct config *from) {
+        free(to->klipper_path);
+        free(to->printer_config);
+        free(to->api_socket);
+        free(to->klipper_service);
+        strv_free(to->extra_serial_devices);
+        *to = *from;
+        memset(from, 0, sizeof(*from));
+}
+
+/* Time units accepted after a number, in the spirit of systemd.time(7). */
+static const struct {
+        const char *suffix;
+        uint64_t usec;
+} time_units[] = {
+        { "us",      1 },
+        { "usec",    1 },
+        { "ms",      1000 },
+        { "msec",    1000 },
+        { "s",       USEC_PER_SEC },
+        { "sec",     USEC_PER_SEC },
+        { "second",  USEC_PER_SEC },
+        { "seconds", USEC_PER_SEC },
+        { "m",       60 * USEC_PER_SEC },
+        { "min",     60 * USEC_PER_SEC },
+        { "minute",  60 * USEC_PER_SEC },
+        { "minutes", 60 * USEC_PER_SEC },
+        { "h",       3600 * USEC_PER_SEC },
+        { "hr",      3600 * USEC_PER_SEC },
+        { "hour",    3600 * USEC_PER_SEC },
+        { "hours",   3600 * USEC_PER_SEC },
+};
+
+int parse_sec(const char *s, uint64_t *ret_usec) {
+        uint64_t whole = 0, frac = 0, frac_scale = 1, unit = USEC_PER_SEC, usec;
+        const char *p = s;
+        bool have_digits = false;
+
+        if (!s)
+                return -EINVAL;
+
+        while (isspace((unsigned char) *p))
+                p++;
+
+        for (; isdigit((unsigned char) *p); p++) {
+                unsigned digit = (unsigned) (*p - '0');
+
+                if (whole > (UINT64_MAX - digit) / 10)
+                        return -ERANGE;
+                whole = whole * 10 + digit;
+                have_digits = true;
+        }
+        if (*p == '.') {
+                p++;
+                for (; isdigit((unsigned char) *p); p++) {
+                        /* Digits beyond a nanosecond of a second cannot
+                         * change the microsecond result of any unit. */
+                        if (frac_scale < UINT64_C(1000000000000)) {
+                                frac = frac * 10 + (uint64_t) (*p - '0');
+                                frac_scale *= 10;
+                        }
+                        have_digits = true;
+                }
+        }
+        if (!have_digits)
+                return -EINVAL;
+
+        while (isspace((unsigned char) *p))
+                p++;
+
+        if (*p) {
+                size_t len = strlen(p);
+                bool found = false;
+
+                while (len > 0 && isspace((unsigned char) p[len - 1]))
+                        len--;
+                for (size_t i = 0; i < ELEMENTSOF(time_units); i++)
+                        if (strlen(time_units[i].suffix) == len &&
+                            strncmp(time_units[i].suffix, p, len) == 0) {
+                                unit = time_units[i].usec;
+                                found = true;
+                                break;
+                        }
+                if (!found)
+                        return -EINVAL;
+        }
+
+        if (whole > UINT64_MAX / unit)
+                return -ERANGE;
+        usec = whole * unit;
+        /* frac < frac_scale <= 10^12 and unit <= 3.6e9: the product needs
+         * 72 bits at most. */
+        frac = (uint64_t) ((unsigned __int128) frac * unit / frac_scale);
+        if (usec > UINT64_MAX - frac)
+                return -ERANGE;
+
+        *ret_usec = usec + frac;
+        return 0;
+}
+
+static bool path_is_absolute(const char *p) {
+        return p[0] == '/';
+}
+
+/* PrinterConfig=, Path=, ApiSocket=: an absolute path, or empty to unset. */
+static int assign_path(const struct config_location *loc, const char *key,
+                       const char *value, char **field) {
+        if (isempty(value))
+                return free_and_strdup(field, NULL) < 0 ? -ENOMEM : 0;
+
+        if (!path_is_absolute(value)) {
+                log_error("%s:%u: %s= must be an absolute path, got '%s'.",
+                          loc->path, loc->line, key, value);
+                return -EINVAL;
+        }
+        return free_and_strdup(field, value) < 0 ? -ENOMEM : 0;
+}
+
+static bool unit_name_is_valid(const char *name) {
+        const char *suffix = ".service";
+        size_t len = strlen(name), suffix_len = strlen(suffix);
+
+        if (len <= suffix_len || len > 255 || !streq(name + len - suffix_len, suffix))
+                return false;
+        for (const char *p = name; *p; p++)
+                if (!isalnum((unsigned char) *p) && !strchr(":-_.\\@", *p))
+                        return false;
+        return true;
+}
+
+static int assign_service(const struct config_location *loc, const char *value,
+                          char **field) {
+        if (isempty(value))
+                return free_and_strdup(field, DEFAULT_KLIPPER_SERVICE) < 0 ? -ENOMEM : 0;
+
+        if (!unit_name_is_valid(value)) {
+                log_error("%s:%u: Service= must be a unit name ending in .service, got '%s'.",
+                          loc->path, loc->line, value);
+                return -EINVAL;
+        }
+        return free_and_strdup(field, value) < 0 ? -ENOMEM : 0;
+}
+
+/* SerialDevices=: a space separated list appended to what is there; an
+ * empty value clears the list. */
+static int assign_serial_devices(const struct config_location *loc, const char *value,
+                                 char ***list) {
+        _cleanup_free_ char *copy = NULL;
+        char **extended = NULL;
+        char *word, *save = NULL;
+        int r;
+
+        if (isempty(value)) {
+                *list = strv_free(*list);
+                return 0;
+        }
+
+        copy = strdup(value);
+        if (!copy)
+                return -ENOMEM;
+
+        /* Validate all words first so that a bad entry changes nothing. */
+        r = strv_copy(*list, &extended);
+        if (r < 0)
+                return r;
+        for (word = strtok_r(copy, " \t", &save); word; word = strtok_r(NULL, " \t", &save)) {
+                if (!path_is_absolute(word)) {
+                        log_error("%s:%u: SerialDevices= entries must be absolute paths, got '%s'.",
+                                  loc->path, loc->line, word);
+                        strv_free(extended);
+                        return -EINVAL;
+                }
+                if (strv_contains(extended, word))
+                        continue;
+                r = strv_extend(&extended, word);
+                if (r < 0) {
+                        strv_free(extended);
+                        return r;
+                }
+        }
+
+        strv_free(*list);
+        *list = extended;
+        return 0;
+}
+
+static int assign_timeout(const struct config_location *loc, const char *key,
+                          const char *value, uint64_t default_usec, bool zero_ok,
+                          uint64_t *field) {
+        uint64_t usec;
+
+        if (isempty(value)) {
+                *field = default_usec;
+                return 0;
+        }
+
+        if (parse_sec(value, &usec) < 0) {
+                log_error("%s:%u: Invalid time span for %s=: '%s'.",
+                          loc->path, loc->line, key, value);
+                return -EINVAL;
+        }
+        if (usec == 0 && !zero_ok) {
+                log_error("%s:%u: %s= must be greater than zero.", loc->path, loc->line, key);
+                return -EINVAL;
+        }
+        *field = usec;
+        return 0;
+}
+
+enum config_section {
+        SECTION_NONE,
+        SECTION_KLIPPER,
+        SECTION_DISCOVERY,
+        SECTION_UNKNOWN,
+};
+
+static int config_assign(struct config *c, const struct config_location *loc,
+                         enum config_section section, const char *key, const char *value) {
+        switch (section) {
+        case SECTION_KLIPPER:
+                if (streq(key, "Path"))
+                        return assign_path(loc, key, value, &c->klipper_path);
+                if (streq(key, "PrinterConfig"))
+                        return assign_path(loc, key, value, &c->printer_config);
+                if (streq(key, "ApiSocket"))
+                        return assign_path(loc, key, value, &c->api_socket);
+                if (streq(key, "Service"))
+                        return assign_service(loc, value, &c->klipper_service);
+                log_warning("%s:%u: Unknown key '%s' in section [Klipper], ignoring.",
+                            loc->path, loc->line, key);
+                return 0;
+
+        case SECTION_DISCOVERY:
+                if (streq(key, "SerialDevices"))
+                        return assign_serial_devices(loc, value, &c->extra_serial_devices);
+                if (streq(key, "IdentifyTimeoutSec"))
+                        return assign_timeout(loc, key, value, DEFAULT_IDENTIFY_TIMEOUT_USEC,
+                                              false, &c->identify_timeout_usec);
+                if (streq(key, "OfflineTimeoutSec"))
+                        return assign_timeout(loc, key, value, DEFAULT_OFFLINE_TIMEOUT_USEC,
+                                              true, &c->offline_timeout_usec);
+                log_warning("%s:%u: Unknown key '%s' in section [Discovery], ignoring.",
+                            loc->path, loc->line, key);
+                return 0;
+
+        case SECTION_NONE:
+                log_warning("%s:%u: Assignment outside of any section, ignoring.",
+                            loc->path, loc->line);
+                return 0;
+
+        case SECTION_UNKNOWN:
+                /* The section header was already warned about. */
+                return 0;
+        }
+        return 0;
+}
+
+static int config_parse_line(struct config *c, const struct config_location *loc,
+                             enum config_section *section, char *line) {
+        char *l = strip(line), *eq, *key, *value;
+
+        if (!*l || *l == '#' || *l == ';')
+                return 0;
+
+        if (*l == '[') {
+                size_t len = strlen(l);
+                char *name;
+
+                if (l[len - 1] != ']') {
+                        log_error("%s:%u: Invalid section header '%s'.", loc->path, loc->line, l);
+                        return -EINVAL;
+                }
+                l[len - 1] = '\0';
+                name = strip(l + 1);
+                if (streq(name, "Klipper"))
+                        *section = SECTION_KLIPPER;
+                else if (streq(name, "Discovery"))
+                        *section = SECTION_DISCOVERY;
+                else {
+                        log_warning("%s:%u: Unknown section [%s], ignoring its contents.",
+                                    loc->path, loc->line, name);
+                        *section = SECTION_UNKNOWN;
+                }
+                return 0;
+        }
+
+        eq = strchr(l, '=');
+        if (!eq) {
+                log_error("%s:%u: Expected 'Key=Value' or '[Section]', got '%s'.",
+                          loc->path, loc->line, l);
+                return -EINVAL;
+        }
+        *eq = '\0';
+        key = strip(l);
+        value = strip(eq + 1);
+        if (!*key) {
+                log_error("%s:%u: Missing key name before '='.", loc->path, loc->line);
+                return -EINVAL;
+        }
+
+        return config_assign(c, loc, *section, key, value);
+}
+
+int config_load(struct config *c, const char *path, bool missing_ok) {
+        _cleanup_(config_freep) struct config *scratch = NULL;
+        _cleanup_fclose_ FILE *f = NULL;
+        _cleanup_free_ char *line = NULL;
+        enum config_section section = SECTION_NONE;
+        struct config_location loc = { .path = path };
+        size_t allocated = 0;
+        int r;
+
+        f = fopen(path, "re");
+        if (!f) {
+                if (errno == ENOENT && missing_ok) {
+                        log_debug("Configuration file %s not found, using defaults.", path);
+                        return 0;
+                }
+                return log_error_errno(errno, "Failed to open configuration file %s: %m", path);
+        }
+
+        r = config_copy(c, &scratch);
+        if (r < 0)
+                return log_oom();
+
+        for (;;) {
+                ssize_t n;
+
+                errno = 0;
+                n = getline(&line, &allocated, f);
+                if (n < 0) {
+                        if (errno != 0)
+                                return log_error_errno(errno, "Failed to read %s: %m", path);
+                        break;
+                }
+                loc.line++;
+
+                r = config_parse_line(scratch, &loc, &section, line);
+                if (r == -ENOMEM)
+                        return log_oom();
+                if (r < 0)
+                        return r;
+        }
+
+        config_replace(c, scratch);
+        return 0;
+}

@@ -1,0 +1,41 @@
+/* The daemon's configuration file, /etc/mcuflashd/mcuflashd.conf
+ * (mcuflashd.conf(5)): an INI file in systemd's style ([Section] and
+ * Key=Value lines, # and ; comments).  Unknown sections and keys are warned
+ * about and ignored; a malformed value is an error naming file and line. */
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "shared/macro.h"
+
+struct config {
+        /* [Klipper] */
+        char *klipper_path;             /* Path=: the Klipper checkout (for HostVersion) */
+        char *printer_config;           /* PrinterConfig=: printer.cfg */
+        char *api_socket;               /* ApiSocket=: klippy's API socket (unused so far) */
+        char *klipper_service;          /* Service=: systemd unit of klippy */
+
+        /* [Discovery] */
+        char **extra_serial_devices;    /* SerialDevices=: NULL-terminated, space separated in the file */
+        uint64_t identify_timeout_usec; /* IdentifyTimeoutSec= (default 5) */
+        uint64_t offline_timeout_usec;  /* OfflineTimeoutSec= (default 600; 0 = keep until Rescan) */
+};
+
+/* Defaults, before any file is read. */
+int config_new(struct config **ret);
+
+/* Read @path into @c, overriding what it sets.  A missing file is not an
+ * error when @missing_ok (the packaged default path); otherwise -ENOENT.
+ * Returns -EINVAL (already logged with file:line) for bad syntax/values. */
+int config_load(struct config *c, const char *path, bool missing_ok);
+
+struct config *config_free(struct config *c);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct config *, config_free);
+
+/* Parse "5", "1.5", "250ms", "2min", "1h" into microseconds: a decimal
+ * number (seconds without a unit) optionally followed by one of us, usec,
+ * ms, msec, s, sec, second(s), m, min, minute(s), h, hr, hour(s).  Returns
+ * -EINVAL for anything else (signs, garbage, several numbers), -ERANGE if
+ * the result does not fit in 64 bits. */
+int parse_sec(const char *s, uint64_t *ret_usec);

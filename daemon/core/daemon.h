@@ -1,0 +1,63 @@
+/* The daemon as a whole: configuration, the printer.cfg view, the host's
+ * Klipper version, the registry, discovery, worker threads and the D-Bus
+ * connection, all on one libevent loop.  This is the glue that decides what
+ * a discovered device means (is it an MCU? which one? what is its name?)
+ * and starts identification; the pieces it glues know nothing of each
+ * other. */
+#pragma once
+
+#include <event2/event.h>
+#include <stdbool.h>
+
+#include <systemd/sd-bus.h>
+
+#include "core/config.h"
+#include "core/printercfg.h"
+#include "core/registry.h"
+#include "core/worker.h"
+#include "discover/udev.h"
+
+struct bus_loop;
+
+struct daemon {
+        struct event_base *base;
+        struct config *config;
+        char *config_path;
+        struct printercfg *printercfg;  /* NULL when none configured or readable */
+        char *host_version;             /* "" while unknown */
+        bool host_version_pending;
+        char *printer_state;            /* Manager.PrinterState; "unknown" without the klippy API */
+        int auto_flash;                 /* Manager.AutoFlash (an int for sd-bus's "b") */
+        struct registry *registry;
+        struct worker_pool *workers;
+        struct udev_discovery *udev;
+
+        sd_bus *bus;
+        struct bus_loop *bus_loop;
+        sd_bus_slot *manager_slot;
+        sd_bus_slot *object_manager_slot;
+        sd_bus_slot *mcu_slot;
+        sd_bus_slot *mcu_enumerator_slot;
+
+        struct event *sigterm_event;
+        struct event *sigint_event;
+        int exit_code;
+};
+
+/* Read configuration and printer.cfg, create the loop and the registry.
+ * No device is touched and no bus is connected yet. */
+int daemon_new(const char *config_path, struct daemon **ret);
+struct daemon *daemon_free(struct daemon *d);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct daemon *, daemon_free);
+
+/* Connect to the system bus, export the objects, take the name, start
+ * discovery, tell systemd we are ready, and run until SIGTERM/SIGINT. */
+int daemon_run(struct daemon *d);
+
+/* Rescan: re-read printer.cfg and the host version, drop offline MCUs,
+ * enumerate devices again and re-identify MCUs whose state is unknown. */
+int daemon_rescan(struct daemon *d);
+
+/* Re-identify @m (Refresh).  Returns 0 when an identify runs (or already
+ * ran), -ENODEV when the MCU is offline. */
+int daemon_refresh_mcu(struct daemon *d, struct mcu *m);

@@ -1,0 +1,127 @@
+/* Implementation of identify.h.  The worker part only does I/O on the one
+ * tty it was given; it never looks at the registry. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/identify.h"
+#include "proto/klipper.h"
+#include "shared/log.h"
+#include "transport/serial.h"
+
+#define DICTIONARY_MAX_SIZE (1024 * 1024)
+
+int identify_request_new(const struct mcu *m, int timeout_ms, struct identify_request **ret) {
+        _cleanup_(identify_request_freep) struct identify_request *req = NULL;
+
+        req = calloc(1, sizeof(*req));
+        if (!req)
+                return -ENOMEM;
+        req->mcu_id = strdup(m->id);
+        req->device_path = strdup(m->device_path);
+        if (!req->mcu_id || !req->device_path)
+                return -ENOMEM;
+        req->generation = m->identify_generation;
+        req->baud = m->baud;
+        req->timeout_ms = timeout_ms;
+        *ret = TAKE_PTR(req);
+        return 0;
+}
+
+struct identify_request *identify_request_free(struct identify_request *req) {
+        if (!req)
+                return NULL;
+        klipper_dict_free(req->dict);
+        free(req->mcu_id);
+        free(req->device_path);
+        free(req);
+        return NULL;
+}
+
+int identify_run(void *userdata) {
+        struct identify_request *req = userdata;
+        _cleanup_(transport_freep) struct transport *t = NULL;
+        _cleanup_free_ uint8_t *data = NULL;
+        struct klipper_identify_params params = {
+                .timeout_ms = req->timeout_ms,
+                .max_size = DICTIONARY_MAX_SIZE,
+        };
+        size_t len = 0;
+        int r;
+
+        r = serial_transport_open(req->device_path, req->baud, &t);
+        if (r < 0)
+                return r;
+        r = klipper_identify(t, &params, &data, &len);
+        if (r < 0)
+                return r;
+        r = klipper_dict_parse_compressed(data, len, DICTIONARY_MAX_SIZE, &req->dict);
+        if (r < 0)
+                return r == -ENOMEM ? r : -EPROTO;
+        return 0;
+}
+
+/* A sentence a person can act on, for StateReason and the log. */
+static void identify_describe_failure(int result, const struct identify_request *req,
+                                      char *buf, size_t size) {
+        switch (result) {
+        case -EBUSY:
+                snprintf(buf, size, "port is held by another process and was not opened (is Klipper running?)");
+                break;
+        case -ETIMEDOUT:
+                snprintf(buf, size, "no complete answer to identify within %.1f s",
+                         req->timeout_ms / 1000.0);
+                break;
+        case -EBADMSG:
+                snprintf(buf, size, "answers with data that is not Klipper's protocol");
+                break;
+        case -EPROTO:
+                snprintf(buf, size, "sent a data dictionary that cannot be read");
+                break;
+        case -E2BIG:
+                snprintf(buf, size, "sent a data dictionary larger than %u KiB", DICTIONARY_MAX_SIZE / 1024);
+                break;
+        case -ENODEV:
+                snprintf(buf, size, "went away during identify");
+                break;
+        case -EACCES:
+        case -EPERM:
+                snprintf(buf, size, "cannot open %s: permission denied", req->device_path);
+                break;
+        default:
+                snprintf(buf, size, "cannot identify: %s", strerror(-result));
+                break;
+        }
+}
+
+void identify_apply(struct mcu *m, const struct identify_request *req, int result,
+                    const char *host_version) {
+        char reason[256];
+
+        if (result >= 0) {
+                const struct klipper_dict *d = req->dict;
+
+                mcu_set_state(m, MCU_STATE_APPLICATION);
+                (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "");
+                (void) mcu_set_string(m, MCU_PROP_FIRMWARE, d->app ?: "Klipper");
+                (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, d->version);
+                (void) mcu_set_string(m, MCU_PROP_BUILD_VERSIONS, d->build_versions);
+                if (d->mcu)
+                        (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, d->mcu);
+                mcu_update_version_match(m, host_version);
+                log_info("%s: %s %s on %s (%s)", m->id, m->firmware, m->firmware_version,
+                         m->mcu_type, req->device_path);
+                return;
+        }
+
+        identify_describe_failure(result, req, reason, sizeof(reason));
+        /* What was learnt before (version, type) stays visible; only the
+         * state says that it is not confirmed now. */
+        mcu_set_state(m, MCU_STATE_UNKNOWN);
+        (void) mcu_set_string(m, MCU_PROP_STATE_REASON, reason);
+        mcu_update_version_match(m, host_version);
+        if (result == -EBUSY)
+                log_info("%s: %s: %s", m->id, req->device_path, reason);
+        else
+                log_warning("%s: %s: %s", m->id, req->device_path, reason);
+}

@@ -1,0 +1,32 @@
+/* Identification of an MCU that speaks Klipper's protocol on a tty: open
+ * the port (exclusively, never taking it from another process), run the
+ * identify exchange, parse the dictionary.  identify_run() is the blocking
+ * part for a worker thread; identify_apply() turns its outcome into MCU
+ * state on the main thread. */
+#pragma once
+
+#include <stdint.h>
+
+#include "core/mcu.h"
+#include "image/dictionary.h"
+
+struct identify_request {
+        char *mcu_id;
+        uint64_t generation;
+        char *device_path;
+        unsigned baud;
+        int timeout_ms;
+        struct klipper_dict *dict;      /* result on success */
+};
+
+int identify_request_new(const struct mcu *m, int timeout_ms, struct identify_request **ret);
+struct identify_request *identify_request_free(struct identify_request *req);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct identify_request *, identify_request_free);
+
+/* Worker-thread body: returns 0 (req->dict set) or -errno. */
+int identify_run(void *userdata);
+
+/* Apply the outcome @result of @req to @m (state, firmware fields, reason)
+ * and recompute VersionMatchesHost against @host_version. */
+void identify_apply(struct mcu *m, const struct identify_request *req, int result,
+                    const char *host_version);

@@ -1,0 +1,38 @@
+/* udev discovery: cold-plug enumeration and a hotplug monitor of tty
+ * devices.  It only translates udev devices into struct udev_tty_info and
+ * hands them to callbacks; deciding which ttys are MCUs is the daemon's
+ * job.  Cold- and hot-plug share one code path. */
+#pragma once
+
+#include <event2/event.h>
+#include <stdint.h>
+
+#include "shared/macro.h"
+
+struct udev_tty_info {
+        const char *syspath;
+        const char *devnode;            /* as udev gives it; never canonicalised */
+        const char *devlinks;           /* space separated, may be "" */
+        uint16_t usb_vendor_id;         /* 0 when not on USB */
+        uint16_t usb_product_id;
+        const char *usb_serial;         /* "" when none */
+        const char *usb_port;           /* "1-1.3", "" when not on USB */
+        const char *usb_manufacturer;
+        const char *usb_product;
+};
+
+struct udev_discovery_callbacks {
+        void (*tty_added)(void *userdata, const struct udev_tty_info *info);
+        void (*tty_removed)(void *userdata, const char *syspath);
+        void *userdata;
+};
+
+struct udev_discovery;
+
+int udev_discovery_new(struct event_base *base, const struct udev_discovery_callbacks *cb,
+                       struct udev_discovery **ret);
+struct udev_discovery *udev_discovery_free(struct udev_discovery *u);
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct udev_discovery *, udev_discovery_free);
+
+/* Report every tty present now through tty_added. */
+int udev_discovery_enumerate(struct udev_discovery *u);

@@ -1,0 +1,74 @@
+/* mcuflashd's entry point: command line, logging level, and the daemon's
+ * lifetime.  Everything else is in core/ (what the daemon does) and bus/
+ * (how it is reached).  The only place that exits the process. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "core/daemon.h"
+#include "shared/log.h"
+#include "build-config.h"
+
+static void help(void) {
+        printf("Usage: mcuflashd [OPTIONS]\n\n"
+               "Find the microcontrollers of a Klipper printer and keep their firmware in step.\n\n"
+               "  -c --config FILE   read FILE instead of " DEFAULT_CONFIG_FILE "\n"
+               "  -v --verbose       log debug messages\n"
+               "     --version       print the version and exit\n"
+               "  -h --help          show this help and exit\n\n"
+               "See mcuflashd(8) and mcuflashd.conf(5).\n");
+}
+
+int main(int argc, char *argv[]) {
+        enum { ARG_VERSION = 0x100 };
+        static const struct option options[] = {
+                { "config", required_argument, NULL, 'c' },
+                { "verbose", no_argument, NULL, 'v' },
+                { "version", no_argument, NULL, ARG_VERSION },
+                { "help", no_argument, NULL, 'h' },
+                {}
+        };
+        _cleanup_(daemon_freep) struct daemon *d = NULL;
+        const char *config_path = NULL;
+        int c, r;
+
+        while ((c = getopt_long(argc, argv, "c:vh", options, NULL)) >= 0) {
+                switch (c) {
+                case 'c':
+                        config_path = optarg;
+                        break;
+                case 'v':
+                        log_set_max_level(LOG_DEBUG);
+                        break;
+                case ARG_VERSION:
+                        printf("mcuflashd %s\n", PACKAGE_VERSION);
+                        return EXIT_SUCCESS;
+                case 'h':
+                        help();
+                        return EXIT_SUCCESS;
+                default:
+                        fprintf(stderr, "Try 'mcuflashd --help'.\n");
+                        return 2;
+                }
+        }
+        if (optind < argc) {
+                fprintf(stderr, "mcuflashd takes no arguments; try 'mcuflashd --help'.\n");
+                return 2;
+        }
+
+        /* Writes to a client that went away must not kill the daemon. */
+        (void) signal(SIGPIPE, SIG_IGN);
+
+        r = daemon_new(config_path, &d);
+        if (r < 0) {
+                log_error_errno(r, "Cannot start: %m");
+                return EXIT_FAILURE;
+        }
+        r = daemon_run(d);
+        if (r < 0) {
+                log_error_errno(r, "Exiting after a fatal error: %m");
+                return EXIT_FAILURE;
+        }
+        return EXIT_SUCCESS;
+}

@@ -1,0 +1,89 @@
+/* Implementation of holders.h: stat the device, then compare st_rdev with
+ * every fd of every other process.  Processes we may not inspect are
+ * skipped (the daemon runs as root, so in practice none are). */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "shared/macro.h"
+#include "transport/holders.h"
+
+static void closedirp(DIR **d) {
+        if (*d)
+                closedir(*d);
+}
+
+static bool process_holds(pid_t pid, dev_t rdev) {
+        _cleanup_(closedirp) DIR *fds = NULL;
+        char path[64];
+        struct dirent *e;
+
+        snprintf(path, sizeof(path), "/proc/%d/fd", (int) pid);
+        fds = opendir(path);
+        if (!fds)
+                return false;
+        while ((e = readdir(fds))) {
+                struct stat st;
+
+                if (e->d_name[0] == '.')
+                        continue;
+                if (fstatat(dirfd(fds), e->d_name, &st, 0) < 0)
+                        continue;
+                if (S_ISCHR(st.st_mode) && st.st_rdev == rdev)
+                        return true;
+        }
+        return false;
+}
+
+static void read_comm(pid_t pid, char *comm, size_t size) {
+        char path[64];
+        _cleanup_close_ int fd = -1;
+        ssize_t n;
+
+        if (!comm || size == 0)
+                return;
+        comm[0] = 0;
+        snprintf(path, sizeof(path), "/proc/%d/comm", (int) pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return;
+        n = read(fd, comm, size - 1);
+        if (n <= 0)
+                return;
+        comm[n] = 0;
+        comm[strcspn(comm, "\n")] = 0;
+}
+
+int tty_find_holder(const char *path, pid_t *ret_pid, char *comm, size_t comm_size) {
+        _cleanup_(closedirp) DIR *proc = NULL;
+        pid_t self = getpid();
+        struct dirent *e;
+        struct stat st;
+
+        if (stat(path, &st) < 0)
+                return -errno;
+        if (!S_ISCHR(st.st_mode))
+                return -ENOTTY;
+        proc = opendir("/proc");
+        if (!proc)
+                return -errno;
+        while ((e = readdir(proc))) {
+                char *end;
+                long pid = strtol(e->d_name, &end, 10);
+
+                if (*end || pid <= 0 || pid == self)
+                        continue;
+                if (process_holds((pid_t) pid, st.st_rdev)) {
+                        if (ret_pid)
+                                *ret_pid = (pid_t) pid;
+                        read_comm((pid_t) pid, comm, comm_size);
+                        return 1;
+                }
+        }
+        return 0;
+}

@@ -1,0 +1,373 @@
+/* Serial transport: one tty (USB CDC ACM, a hardware UART, the Linux process
+ * MCU's pty) as a struct transport.  The port is opened non-blocking, raw
+ * and exclusively: a port that Klipper (pyserial with exclusive=True takes a
+ * flock) or another TIOCEXCL holder has open is reported busy, never shared.
+ *
+ * Emulated ttys (umockdev) refuse some ioctls with ENOTTY; termios and baud
+ * problems of that kind are logged at debug level and do not fail the open.
+ * Device paths are used exactly as given: never canonicalised (realpath()
+ * crashes on umockdev nodes, and udev's devnode is what callers compare).
+ * Modem lines (DTR/RTS) and bootloader-entry tricks are not handled here. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "shared/log.h"
+#include "transport/holders.h"
+#include "transport/serial.h"
+
+struct serial_transport {
+        struct transport transport;     /* first member: the ops cast back to us */
+        int fd;
+};
+
+static int serial_set_custom_baud(int fd, unsigned baud);
+
+static struct serial_transport *serial_from_transport(struct transport *t) {
+        return (struct serial_transport *) t;
+}
+
+static uint64_t now_msec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
+}
+
+/* A deadline for a timeout in ms; negative means wait forever. */
+static uint64_t deadline_after(int timeout_ms) {
+        return timeout_ms < 0 ? UINT64_MAX : now_msec() + (uint64_t) timeout_ms;
+}
+
+static int poll_timeout(uint64_t deadline) {
+        uint64_t now;
+
+        if (deadline == UINT64_MAX)
+                return -1;
+        now = now_msec();
+        return deadline > now ? (int) MIN(deadline - now, (uint64_t) INT32_MAX) : 0;
+}
+
+/* Errors by which a tty tells that the device behind it is gone. */
+static bool errno_is_gone(int error) {
+        return error == EIO || error == ENXIO || error == ENODEV || error == EPIPE;
+}
+
+static ssize_t serial_read(struct transport *t, void *buf, size_t len, int timeout_ms) {
+        struct serial_transport *s = serial_from_transport(t);
+        uint64_t deadline = deadline_after(timeout_ms);
+
+        for (;;) {
+                struct pollfd p = { .fd = s->fd, .events = POLLIN };
+                ssize_t n;
+                int r;
+
+                r = poll(&p, 1, poll_timeout(deadline));
+                if (r < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (r == 0)
+                        return -ETIMEDOUT;
+                if (p.revents & POLLNVAL)
+                        return -EBADF;
+
+                /* Read even on POLLHUP: bytes sent just before the hangup
+                 * are still there. */
+                n = read(s->fd, buf, len);
+                if (n > 0)
+                        return n;
+                if (n == 0)
+                        return -ENODEV;         /* hung up (we run with VMIN=1) */
+                if (errno_is_gone(errno))
+                        return -ENODEV;
+                if (errno != EAGAIN && errno != EINTR)
+                        return -errno;
+                if (p.revents & (POLLHUP | POLLERR))
+                        return -ENODEV;
+        }
+}
+
+static int serial_write(struct transport *t, const void *buf, size_t len, int timeout_ms) {
+        struct serial_transport *s = serial_from_transport(t);
+        uint64_t deadline = deadline_after(timeout_ms);
+        const uint8_t *p = buf;
+        size_t done = 0;
+
+        while (done < len) {
+                struct pollfd pfd = { .fd = s->fd, .events = POLLOUT };
+                ssize_t n;
+                int r;
+
+                n = write(s->fd, p + done, len - done);
+                if (n > 0) {
+                        done += (size_t) n;
+                        continue;
+                }
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno_is_gone(errno))
+                                return -ENODEV;
+                        if (errno != EAGAIN)
+                                return -errno;
+                }
+
+                r = poll(&pfd, 1, poll_timeout(deadline));
+                if (r < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        return -errno;
+                }
+                if (r == 0)
+                        return -ETIMEDOUT;
+                if (pfd.revents & POLLNVAL)
+                        return -EBADF;
+                if (pfd.revents & (POLLHUP | POLLERR))
+                        return -ENODEV;
+        }
+
+        return 0;
+}
+
+static int serial_flush(struct transport *t) {
+        struct serial_transport *s = serial_from_transport(t);
+
+        if (tcflush(s->fd, TCIOFLUSH) < 0) {
+                if (errno == ENOTTY || errno == EINVAL)
+                        return 0;
+                return -errno;
+        }
+        return 0;
+}
+
+static void serial_free(struct transport *t) {
+        struct serial_transport *s = serial_from_transport(t);
+
+        /* A pty slave keeps TIOCEXCL for as long as its master lives, so
+         * clear it explicitly or our own next open would find it busy.
+         * Closing drops the flock. */
+        if (ioctl(s->fd, TIOCNXCL) < 0 && errno != ENOTTY && !errno_is_gone(errno))
+                log_debug_errno(errno, "%s: TIOCNXCL failed: %m", strempty(s->transport.description));
+        safe_close(s->fd);
+        free(s->transport.description);
+        free(s);
+}
+
+static const struct transport_ops serial_ops = {
+        .name = "serial",
+        .read = serial_read,
+        .write = serial_write,
+        .flush = serial_flush,
+        .free = serial_free,
+};
+
+/* The termios constant for a standard rate, B0 for any other. */
+static speed_t baud_to_speed(unsigned baud) {
+        switch (baud) {
+        case 50: return B50;
+        case 75: return B75;
+        case 110: return B110;
+        case 134: return B134;
+        case 150: return B150;
+        case 200: return B200;
+        case 300: return B300;
+        case 600: return B600;
+        case 1200: return B1200;
+        case 1800: return B1800;
+        case 2400: return B2400;
+        case 4800: return B4800;
+        case 9600: return B9600;
+        case 19200: return B19200;
+        case 38400: return B38400;
+        case 57600: return B57600;
+        case 115200: return B115200;
+        case 230400: return B230400;
+#ifdef B460800
+        case 460800: return B460800;
+#endif
+#ifdef B500000
+        case 500000: return B500000;
+#endif
+#ifdef B576000
+        case 576000: return B576000;
+#endif
+#ifdef B921600
+        case 921600: return B921600;
+#endif
+#ifdef B1000000
+        case 1000000: return B1000000;
+#endif
+#ifdef B1152000
+        case 1152000: return B1152000;
+#endif
+#ifdef B1500000
+        case 1500000: return B1500000;
+#endif
+#ifdef B2000000
+        case 2000000: return B2000000;
+#endif
+#ifdef B2500000
+        case 2500000: return B2500000;
+#endif
+#ifdef B3000000
+        case 3000000: return B3000000;
+#endif
+#ifdef B3500000
+        case 3500000: return B3500000;
+#endif
+#ifdef B4000000
+        case 4000000: return B4000000;
+#endif
+        default: return B0;
+        }
+}
+
+/* Make the tty raw (8N1, no echo, no flow control, VMIN=1 so that a
+ * non-blocking read returns EAGAIN rather than 0) and set the speed. */
+static int serial_configure(int fd, const char *path, unsigned baud) {
+        struct termios tio;
+        speed_t speed = baud_to_speed(baud);
+        int r;
+
+        if (tcgetattr(fd, &tio) < 0) {
+                if (errno != ENOTTY && errno != EINVAL)
+                        return log_debug_errno(errno, "%s: tcgetattr failed: %m", path);
+                log_debug_errno(errno, "%s: tcgetattr failed, using the port as it is: %m", path);
+                return 0;
+        }
+
+        cfmakeraw(&tio);
+        tio.c_cflag |= CLOCAL | CREAD;
+        tio.c_cflag &= ~(tcflag_t) CRTSCTS;
+        tio.c_cc[VMIN] = 1;
+        tio.c_cc[VTIME] = 0;
+        if (baud > 0 && speed != B0)
+                (void) cfsetspeed(&tio, speed);
+
+        if (tcsetattr(fd, TCSANOW, &tio) < 0) {
+                if (errno != ENOTTY && errno != EINVAL)
+                        return log_debug_errno(errno, "%s: tcsetattr failed: %m", path);
+                log_debug_errno(errno, "%s: tcsetattr refused, using the port as it is: %m", path);
+        }
+
+        if (baud > 0 && speed == B0) {
+                r = serial_set_custom_baud(fd, baud);
+                if (r == -ENOTTY)
+                        log_debug("%s: setting %u baud is not supported here (emulated tty?), continuing",
+                                  path, baud);
+                else if (r < 0)
+                        return log_debug_errno(r, "%s: failed to set %u baud: %m", path, baud);
+        }
+
+        return 0;
+}
+
+int serial_transport_open(const char *path, unsigned baud, struct transport **ret) {
+        _cleanup_close_ int fd = -1;
+        struct serial_transport *s;
+        char comm[32] = "";
+        pid_t holder = 0;
+        int exclusive = 0, r;
+
+        /* Root ignores TIOCEXCL and flock() is advisory: look for any other
+         * holder first, so that a port Klipper (or anyone) uses is never
+         * touched, not even by an open() that could toggle DTR. */
+        r = tty_find_holder(path, &holder, comm, sizeof(comm));
+        if (r > 0)
+                return log_debug_errno(EBUSY, "%s: port is open in process %d (%s)", path,
+                                       (int) holder, comm);
+        if (r < 0 && r != -ENOTTY)
+                return log_debug_errno(r, "%s: cannot examine port: %m", path);
+
+        fd = open(path, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) {
+                if (errno == EBUSY)
+                        return log_debug_errno(EBUSY, "%s: port is held exclusively by another process", path);
+                return log_debug_errno(errno, "%s: failed to open: %m", path);
+        }
+
+        if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+                if (errno == EWOULDBLOCK)
+                        return log_debug_errno(EBUSY, "%s: port is locked by another process", path);
+                log_debug_errno(errno, "%s: flock failed, continuing without it: %m", path);
+        }
+
+#ifdef TIOCGEXCL
+        /* root opens a TIOCEXCL port anyway; ask instead of taking it over. */
+        if (ioctl(fd, TIOCGEXCL, &exclusive) >= 0 && exclusive)
+                return log_debug_errno(EBUSY, "%s: port is held exclusively by another process", path);
+#endif
+
+        if (ioctl(fd, TIOCEXCL) < 0 && errno != ENOTTY)
+                log_debug_errno(errno, "%s: TIOCEXCL failed, continuing: %m", path);
+
+        r = serial_configure(fd, path, baud);
+        if (r < 0)
+                return r;
+
+        /* Whatever arrived before we owned the port is not an answer to us. */
+        if (tcflush(fd, TCIFLUSH) < 0 && errno != ENOTTY && errno != EINVAL)
+                log_debug_errno(errno, "%s: tcflush failed, continuing: %m", path);
+
+        s = calloc(1, sizeof(*s));
+        if (!s)
+                return -ENOMEM;
+        s->transport.ops = &serial_ops;
+        s->transport.description = strdup(path);
+        if (!s->transport.description) {
+                free(s);
+                return -ENOMEM;
+        }
+        s->fd = TAKE_FD(fd);
+
+        *ret = &s->transport;
+        return 0;
+}
+
+/* Arbitrary baud rates (250000 is common for Klipper UARTs) need the
+ * kernel's termios2, which only the kernel header declares, and that header's
+ * struct termios clashes with glibc's.  It is therefore included here, after
+ * everything that uses glibc's termios, with the clashing names renamed. */
+#define termios kernel_termios
+#define termio kernel_termio
+#define winsize kernel_winsize
+#include <asm/termbits.h>
+#undef termios
+#undef termio
+#undef winsize
+
+static int serial_set_custom_baud(int fd, unsigned baud) {
+#if defined(TCGETS2) && defined(TCSETS2) && defined(BOTHER)
+        struct termios2 tio2;
+
+        if (ioctl(fd, TCGETS2, &tio2) < 0)
+                return -errno;
+
+        tio2.c_cflag &= ~(tcflag_t) CBAUD;
+        tio2.c_cflag |= BOTHER;
+#ifdef IBSHIFT
+        tio2.c_cflag &= ~((tcflag_t) CBAUD << IBSHIFT);
+        tio2.c_cflag |= (tcflag_t) BOTHER << IBSHIFT;
+#endif
+        tio2.c_ispeed = baud;
+        tio2.c_ospeed = baud;
+
+        if (ioctl(fd, TCSETS2, &tio2) < 0)
+                return -errno;
+        return 0;
+#else
+        (void) fd;
+        (void) baud;
+        return -EOPNOTSUPP;
+#endif
+}

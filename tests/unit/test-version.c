@@ -1,0 +1,439 @@
+/* Unit tests for daemon/core/version.c: parsing the version strings of
+ * protocols.md §16, the MCU/host comparison table, custom-build detection,
+ * and version_read_host() against klippy/.version, a real git repository
+ * (passed with a note without git), fake git commands that fail or hang, and a
+ * checkout owned by another user, whose .git/index must stay theirs. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/version.h"
+#include "shared/macro.h"
+
+struct fixture {
+        char dir[64];
+};
+
+static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+        return remove(path);
+}
+
+static int setup(void **state) {
+        struct fixture *f = calloc(1, sizeof(*f));
+
+        assert_non_null(f);
+        strcpy(f->dir, "/tmp/test-version-XXXXXX");
+        assert_non_null(mkdtemp(f->dir));
+        *state = f;
+        return 0;
+}
+
+static int teardown(void **state) {
+        struct fixture *f = *state;
+
+        nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+        free(f);
+        return 0;
+}
+
+static void write_file(const char *dir, const char *name, const char *content, mode_t mode) {
+        _cleanup_free_ char *path = NULL;
+        FILE *file;
+
+        assert_true(asprintf(&path, "%s/%s", dir, name) > 0);
+        file = fopen(path, "we");
+        assert_non_null(file);
+        fputs(content, file);
+        assert_int_equal(fclose(file), 0);
+        assert_int_equal(chmod(path, mode), 0);
+}
+
+_printf_(1, 2)
+static int run(const char *fmt, ...) {
+        _cleanup_free_ char *cmd = NULL;
+        va_list ap;
+        int r;
+
+        va_start(ap, fmt);
+        r = vasprintf(&cmd, fmt, ap);
+        va_end(ap);
+        assert_true(r > 0);
+        return system(cmd);
+}
+
+/* First line of a command's output. */
+_printf_(1, 2)
+static char *run_output(const char *fmt, ...) {
+        _cleanup_free_ char *cmd = NULL;
+        char line[256] = "";
+        va_list ap;
+        FILE *p;
+        int r;
+
+        va_start(ap, fmt);
+        r = vasprintf(&cmd, fmt, ap);
+        va_end(ap);
+        assert_true(r > 0);
+        p = popen(cmd, "re");
+        assert_non_null(p);
+        if (!fgets(line, sizeof(line), p))
+                line[0] = '\0';
+        assert_int_equal(pclose(p), 0);
+        line[strcspn(line, "\n")] = '\0';
+        return strdup(line);
+}
+
+static bool have_git(void) {
+        return run("git --version >/dev/null 2>&1") == 0;
+}
+
+/* cmocka 1.1.5's skip() prints "not ok N # SKIP", which meson's TAP parser
+ * counts as a failure: pass instead, with a TAP comment saying why. */
+static void skip_because(const char *test, const char *reason) {
+        print_message("# %s skipped: %s\n", test, reason);
+}
+
+static void test_parse_examples(void **state) {
+        struct version v;
+
+        assert_int_equal(version_parse("v0.12.0-123-gabcdef12", &v), 0);
+        assert_string_equal(v.tag, "v0.12.0");
+        assert_int_equal(v.commits, 123);
+        assert_string_equal(v.sha, "abcdef12");
+        assert_false(v.dirty);
+        assert_null(v.build_stamp);
+        version_done(&v);
+
+        assert_int_equal(version_parse("v0.12.0-123-gabcdef12-dirty-20240101_120000-raspberrypi", &v), 0);
+        assert_string_equal(v.tag, "v0.12.0");
+        assert_int_equal(v.commits, 123);
+        assert_string_equal(v.sha, "abcdef12");
+        assert_true(v.dirty);
+        assert_string_equal(v.build_stamp, "20240101_120000-raspberrypi");
+        version_done(&v);
+
+        /* A clean tree but unknown compiler versions: only the stamp. */
+        assert_int_equal(version_parse("v0.12.0-7-g1234567-20240101_120000-my-host-2", &v), 0);
+        assert_int_equal(v.commits, 7);
+        assert_string_equal(v.sha, "1234567");
+        assert_false(v.dirty);
+        assert_string_equal(v.build_stamp, "20240101_120000-my-host-2");
+        version_done(&v);
+
+        assert_int_equal(version_parse("  0.12.0-0-g0123abcd-dirty\n", &v), 0);
+        assert_string_equal(v.tag, "0.12.0");
+        assert_int_equal(v.commits, 0);
+        assert_string_equal(v.sha, "0123abcd");
+        assert_true(v.dirty);
+        version_done(&v);
+
+        assert_int_equal(version_parse("v0.13.0", &v), 0);
+        assert_string_equal(v.tag, "v0.13.0");
+        assert_int_equal(v.commits, 0);
+        assert_null(v.sha);
+        version_done(&v);
+
+        /* A tag with dashes of its own. */
+        assert_int_equal(version_parse("v0.12.0-rc-1-3-gdeadbeef", &v), 0);
+        assert_string_equal(v.tag, "v0.12.0-rc-1");
+        assert_int_equal(v.commits, 3);
+        assert_string_equal(v.sha, "deadbeef");
+        version_done(&v);
+
+        /* git describe --always in a clone without tags. */
+        assert_int_equal(version_parse("abcdef1-dirty", &v), 0);
+        assert_null(v.tag);
+        assert_string_equal(v.sha, "abcdef1");
+        assert_true(v.dirty);
+        version_done(&v);
+
+        assert_int_equal(version_parse("?", &v), -EINVAL);
+        assert_int_equal(version_parse("", &v), -EINVAL);
+        assert_int_equal(version_parse("  ", &v), -EINVAL);
+        assert_int_equal(version_parse(NULL, &v), -EINVAL);
+        assert_int_equal(version_parse("?-20240101_120000-host", &v), -EINVAL);
+        assert_int_equal(version_parse("unknown", &v), -EINVAL);
+        assert_int_equal(version_parse("v0.12 beta", &v), -EINVAL);
+        assert_int_equal(version_parse("-3-gabcdef1", &v), -EINVAL);
+        assert_int_equal(version_parse("v0.12.0-x-gabcdef1", &v), -EINVAL);
+        assert_int_equal(version_parse("v0.12.0-1-gxyz", &v), -EINVAL);
+        assert_int_equal(version_parse("-dirty", &v), -EINVAL);
+        assert_int_equal(version_parse("v0.12.0-rc1", &v), -EINVAL);
+}
+
+static void test_compare(void **state) {
+        static const struct {
+                const char *mcu, *host;
+                enum version_match expected;
+        } cases[] = {
+                { "v0.12.0-123-gabcdef12", "v0.12.0-123-gabcdef12", VERSION_MATCH_YES },
+                /* dirty vs clean */
+                { "v0.12.0-123-gabcdef12-dirty", "v0.12.0-123-gabcdef12", VERSION_MATCH_YES },
+                { "v0.12.0-123-gabcdef12", "v0.12.0-123-gabcdef12-dirty", VERSION_MATCH_YES },
+                /* build stamp */
+                { "v0.12.0-123-gabcdef12-20240101_120000-raspberrypi", "v0.12.0-123-gabcdef12", VERSION_MATCH_YES },
+                { "v0.12.0-123-gabcdef12-dirty-20240101_120000-raspberrypi", "v0.12.0-123-gabcdef12-dirty",
+                  VERSION_MATCH_YES },
+                /* git abbreviates to different lengths */
+                { "v0.12.0-123-gabcdef1", "v0.12.0-123-gabcdef12", VERSION_MATCH_YES },
+                { "v0.12.0-123-gabcdef1234", "v0.12.0-123-gABCDEF1", VERSION_MATCH_YES },
+                { "v0.12.0-123-gabcdef1", "v0.12.0-123-gabcdef02", VERSION_MATCH_NO },
+                /* a leading v does not matter */
+                { "0.12.0-123-gabcdef12", "v0.12.0-123-gabcdef12", VERSION_MATCH_YES },
+                /* different n, sha or tag */
+                { "v0.12.0-122-gabcdef12", "v0.12.0-123-gabcdef12", VERSION_MATCH_NO },
+                { "v0.12.0-123-g1234abcd", "v0.12.0-123-gabcdef12", VERSION_MATCH_NO },
+                { "v0.11.0-123-gabcdef12", "v0.12.0-123-gabcdef12", VERSION_MATCH_NO },
+                { "v0.12.0-123-g1234abcd-dirty", "v0.12.0-123-gabcdef12-dirty", VERSION_MATCH_NO },
+                /* release tags */
+                { "v0.13.0", "v0.13.0", VERSION_MATCH_YES },
+                { "v0.13.0", "v0.13.0-0-gabcdef1", VERSION_MATCH_YES },
+                { "v0.13.0-2-gabcdef1", "v0.13.0", VERSION_MATCH_NO },
+                { "v0.12.0", "v0.13.0", VERSION_MATCH_NO },
+                /* bare shas (clone without tags) */
+                { "abcdef1", "v0.12.0-5-gabcdef12", VERSION_MATCH_YES },
+                { "abcdef1-dirty", "1234567", VERSION_MATCH_NO },
+                { "abcdef1", "v0.13.0", VERSION_MATCH_UNKNOWN },
+                /* unknown */
+                { "?", "v0.12.0-123-gabcdef12", VERSION_MATCH_UNKNOWN },
+                { "v0.12.0-123-gabcdef12", "?", VERSION_MATCH_UNKNOWN },
+                { "", "v0.12.0-123-gabcdef12", VERSION_MATCH_UNKNOWN },
+                { "v0.12.0-123-gabcdef12", "", VERSION_MATCH_UNKNOWN },
+                { NULL, "v0.12.0-123-gabcdef12", VERSION_MATCH_UNKNOWN },
+                { "?", "?", VERSION_MATCH_UNKNOWN },
+                { "?-20240101_120000-host", "?-20240101_120000-host", VERSION_MATCH_UNKNOWN },
+                { "garbage here", "v0.12.0-123-gabcdef12", VERSION_MATCH_UNKNOWN },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(cases); i++) {
+                enum version_match m = version_compare(cases[i].mcu, cases[i].host);
+
+                if (m != cases[i].expected)
+                        fail_msg("version_compare(\"%s\", \"%s\") = %s, expected %s",
+                                 strempty(cases[i].mcu), strempty(cases[i].host),
+                                 version_match_to_string(m), version_match_to_string(cases[i].expected));
+        }
+}
+
+static void test_custom_build(void **state) {
+        assert_false(version_is_custom_build("v0.12.0-123-gabcdef12"));
+        assert_true(version_is_custom_build("v0.12.0-123-gabcdef12-dirty"));
+        assert_true(version_is_custom_build("v0.12.0-123-gabcdef12-20240101_120000-raspberrypi"));
+        assert_true(version_is_custom_build("v0.12.0-123-gabcdef12-dirty-20240101_120000-raspberrypi"));
+        assert_true(version_is_custom_build("?-20240101_120000-host"));
+        assert_false(version_is_custom_build("v0.13.0"));
+        assert_false(version_is_custom_build("?"));
+        assert_false(version_is_custom_build(""));
+        assert_false(version_is_custom_build(NULL));
+}
+
+static void test_match_to_string(void **state) {
+        assert_string_equal(version_match_to_string(VERSION_MATCH_YES), "yes");
+        assert_string_equal(version_match_to_string(VERSION_MATCH_NO), "no");
+        assert_string_equal(version_match_to_string(VERSION_MATCH_UNKNOWN), "unknown");
+}
+
+static void test_read_host_version_file(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *klippy = NULL, *v = NULL;
+
+        /* Nothing there yet. */
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "?");
+        free(v);
+        v = NULL;
+
+        assert_true(asprintf(&klippy, "%s/klippy", f->dir) > 0);
+        assert_int_equal(mkdir(klippy, 0755), 0);
+        write_file(klippy, ".version", "  v0.12.0-88-g0123456789  \nsecond line\n", 0644);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "v0.12.0-88-g0123456789");
+        free(v);
+        v = NULL;
+
+        write_file(klippy, ".version", "\n", 0644);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "?");
+        free(v);
+        v = NULL;
+
+        assert_int_equal(version_read_host(NULL, &v), 0);
+        assert_string_equal(v, "?");
+}
+
+static void test_read_host_git(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *v = NULL, *expected = NULL, *sha = NULL;
+        const char *git = "HOME=/nonexistent GIT_CONFIG_NOSYSTEM=1 git -c user.name=test "
+                          "-c user.email=test@example.com -c init.defaultBranch=master";
+        struct version parsed;
+
+        if (!have_git()) {
+                skip_because(__func__, "git is not installed");
+                return;
+        }
+
+        assert_int_equal(run("%s init -q %s", git, f->dir), 0);
+        write_file(f->dir, "README", "one\n", 0644);
+        assert_int_equal(run("%s -C %s add README && %s -C %s commit -q -m one", git, f->dir, git, f->dir), 0);
+        assert_int_equal(run("%s -C %s tag v0.12.0", git, f->dir), 0);
+        write_file(f->dir, "README", "two\n", 0644);
+        assert_int_equal(run("%s -C %s commit -q -a -m two", git, f->dir), 0);
+
+        /* klippy/.version must lose against git. */
+        assert_int_equal(run("mkdir %s/klippy && echo v0.0.0-1-g1111111 > %s/klippy/.version", f->dir, f->dir), 0);
+
+        sha = run_output("%s -C %s rev-parse HEAD", git, f->dir);
+        expected = run_output("%s -C %s describe --always --tags --long --dirty", git, f->dir);
+        assert_int_equal(strncmp(expected, "v0.12.0-1-g", 11), 0);
+
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, expected);
+        assert_int_equal(version_parse(v, &parsed), 0);
+        assert_string_equal(parsed.tag, "v0.12.0");
+        assert_int_equal(parsed.commits, 1);
+        assert_int_equal(strncmp(sha, parsed.sha, strlen(parsed.sha)), 0);
+        assert_false(parsed.dirty);
+        version_done(&parsed);
+        free(v);
+        v = NULL;
+
+        /* An untracked file does not make it dirty, as with describe --dirty. */
+        write_file(f->dir, "untracked", "x\n", 0644);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, expected);
+        free(v);
+        v = NULL;
+
+        /* A modified tracked file does: the same text as describe --dirty. */
+        write_file(f->dir, "README", "three\n", 0644);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        free(expected);
+        expected = run_output("%s -C %s describe --always --tags --long --dirty", git, f->dir);
+        assert_string_equal(v, expected);
+        assert_true(strlen(v) > 6 && streq(v + strlen(v) - 6, "-dirty"));
+        assert_true(version_is_custom_build(v));
+        assert_int_equal(version_compare(v, expected), VERSION_MATCH_YES);
+        free(v);
+        v = NULL;
+
+        /* So does a staged change. */
+        assert_int_equal(run("%s -C %s add README", git, f->dir), 0);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, expected);
+}
+
+/* Put a fake "git" first in PATH; returns the old PATH. */
+static char *fake_git(struct fixture *f, const char *script) {
+        _cleanup_free_ char *bin = NULL, *path = NULL;
+        const char *old = getenv("PATH");
+        char *saved = strdup(old ? old : "/usr/bin:/bin");
+
+        assert_true(asprintf(&bin, "%s/bin", f->dir) > 0);
+        (void) mkdir(bin, 0755);
+        write_file(bin, "git", script, 0755);
+        assert_true(asprintf(&path, "%s:%s", bin, saved) > 0);
+        assert_int_equal(setenv("PATH", path, 1), 0);
+        return saved;
+}
+
+static void test_read_host_git_fails(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *saved_path = NULL, *v = NULL;
+
+        assert_int_equal(run("mkdir %s/.git %s/klippy && echo v0.11.0-5-gfeedbee > %s/klippy/.version",
+                             f->dir, f->dir, f->dir), 0);
+
+        saved_path = fake_git(f, "#!/bin/sh\necho 'fatal: not a git repository' >&2\nexit 128\n");
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_int_equal(setenv("PATH", saved_path, 1), 0);
+        assert_string_equal(v, "v0.11.0-5-gfeedbee");
+        free(v);
+        v = NULL;
+
+        /* No git at all in PATH. */
+        assert_int_equal(setenv("PATH", f->dir, 1), 0);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_int_equal(setenv("PATH", saved_path, 1), 0);
+        assert_string_equal(v, "v0.11.0-5-gfeedbee");
+}
+
+static void test_read_host_git_hangs(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *saved_path = NULL, *v = NULL;
+        struct timespec start, end;
+        long long elapsed_msec;
+
+        assert_int_equal(run("mkdir %s/.git", f->dir), 0);
+        saved_path = fake_git(f, "#!/bin/sh\nexec sleep 30\n");
+
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        assert_int_equal(version_read_host_with_timeout(f->dir, 300, &v), 0);
+        clock_gettime(CLOCK_MONOTONIC, &end);
+        assert_int_equal(setenv("PATH", saved_path, 1), 0);
+
+        assert_string_equal(v, "?");
+        elapsed_msec = (end.tv_sec - start.tv_sec) * 1000LL + (end.tv_nsec - start.tv_nsec) / 1000000;
+        assert_true(elapsed_msec >= 250);
+        assert_true(elapsed_msec < 3000);
+}
+
+static void test_read_host_git_other_owner(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *v = NULL, *index = NULL;
+        const char *git = "HOME=/nonexistent GIT_CONFIG_NOSYSTEM=1 git -c user.name=test "
+                          "-c user.email=test@example.com -c init.defaultBranch=master";
+        const unsigned nobody = 65534;
+        struct stat st;
+
+        if (geteuid() != 0 || !have_git()) {
+                skip_because(__func__, "needs root (chown) and git");
+                return;
+        }
+
+        assert_int_equal(chmod(f->dir, 0755), 0);
+        assert_int_equal(run("%s init -q %s", git, f->dir), 0);
+        write_file(f->dir, "README", "one\n", 0644);
+        assert_int_equal(run("%s -C %s add README && %s -C %s commit -q -m one && %s -C %s tag v1.0.0",
+                             git, f->dir, git, f->dir, git, f->dir), 0);
+        assert_int_equal(run("chown -R %u:%u %s", nobody, nobody, f->dir), 0);
+        /* Touch the file so that describe --dirty has to refresh the index. */
+        assert_int_equal(run("touch %s/README", f->dir), 0);
+
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_int_equal(strncmp(v, "v1.0.0-0-g", 10), 0);
+        /* Only the timestamps changed: not dirty. */
+        assert_false(version_is_custom_build(v));
+
+        /* Nothing was written: the index still belongs to its owner. */
+        assert_true(asprintf(&index, "%s/.git/index", f->dir) > 0);
+        assert_int_equal(stat(index, &st), 0);
+        assert_int_equal(st.st_uid, nobody);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_parse_examples),
+                cmocka_unit_test(test_compare),
+                cmocka_unit_test(test_custom_build),
+                cmocka_unit_test(test_match_to_string),
+                cmocka_unit_test_setup_teardown(test_read_host_version_file, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_read_host_git, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_read_host_git_fails, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_read_host_git_hangs, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_read_host_git_other_owner, setup, teardown),
+        };
+
+        return cmocka_run_group_tests_name("version", tests, NULL, NULL);
+}
