@@ -24,8 +24,10 @@ struct printercfg {
         unsigned n_warnings;    /* problems logged while reading */
 };
 
-/* Returns 0 (possibly with warnings), -ENOENT if @path itself is missing,
- * -ENOMEM. */
+/* Returns 0 (possibly with warnings, counted in n_warnings), -ENOENT if
+ * @path itself is missing, another -errno if it cannot be read (-EACCES,
+ * -EISDIR, -EFBIG above 16 MiB), -ENOMEM.  Problems with @path itself are
+ * left to the caller to log; everything else is logged as a warning. */
 int printercfg_load(const char *path, struct printercfg **ret);
 
 struct printercfg *printercfg_free(struct printercfg *p);
