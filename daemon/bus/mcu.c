@@ -125,7 +125,6 @@ static void emit(struct daemon *d, int r, const char *what, const char *path) {
 static void on_mcu_added(void *userdata, struct mcu *m) {
         struct daemon *d = userdata;
 
-        m->daemon = d;
         if (!d->bus)
                 return;
         emit(d, sd_bus_emit_object_added(d->bus, m->object_path), "InterfacesAdded", m->object_path);

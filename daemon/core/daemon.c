@@ -6,7 +6,6 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <systemd/sd-daemon.h>
 
@@ -234,6 +233,7 @@ static void daemon_tty_added(void *userdata, const struct udev_tty_info *info) {
                         log_oom();
                         return;
                 }
+                m->daemon = d;
                 is_new = true;
         }
 
@@ -272,27 +272,13 @@ static void daemon_tty_added(void *userdata, const struct udev_tty_info *info) {
         daemon_start_identify(d, m);
 }
 
-static uint64_t now_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
-}
-
 /* An offline MCU stays visible (its identity and last version are useful to
  * a person looking for it) until OfflineTimeoutSec has passed. */
 static void on_offline_timeout(evutil_socket_t fd, short what, void *userdata) {
-        struct daemon *d = userdata;
-        uint64_t now = now_usec();
+        struct mcu *m = userdata;
 
-        for (size_t i = d->registry->n_mcus; i > 0; i--) {
-                struct mcu *m = d->registry->mcus[i - 1];
-
-                if (m->state_id != MCU_STATE_OFFLINE || !m->offline_timer || m->offline_deadline > now)
-                        continue;
-                log_info("%s: offline for too long; forgetting it.", m->id);
-                registry_remove(d->registry, m);
-        }
+        log_info("%s: offline for too long; forgetting it.", m->id);
+        registry_remove(m->daemon->registry, m);
 }
 
 static void daemon_arm_offline_timer(struct daemon *d, struct mcu *m) {
@@ -305,8 +291,7 @@ static void daemon_arm_offline_timer(struct daemon *d, struct mcu *m) {
         daemon_cancel_offline_timer(m);
         if (timeout == 0)
                 return;
-        m->offline_deadline = now_usec() + timeout;
-        m->offline_timer = evtimer_new(d->base, on_offline_timeout, d);
+        m->offline_timer = evtimer_new(d->base, on_offline_timeout, m);
         if (!m->offline_timer || evtimer_add(m->offline_timer, &tv) < 0)
                 log_oom();
 }
@@ -354,6 +339,12 @@ static void identify_done(void *userdata, int result) {
         free(job);
 }
 
+static int identify_job_run(void *userdata) {
+        struct identify_job *job = userdata;
+
+        return identify_run(job->req);
+}
+
 static void daemon_start_identify(struct daemon *d, struct mcu *m) {
         struct identify_job *job;
         int timeout_ms = (int) MIN(d->config->identify_timeout_usec / 1000, 600000);
@@ -370,7 +361,7 @@ static void daemon_start_identify(struct daemon *d, struct mcu *m) {
         m->identify_generation++;
         r = identify_request_new(m, timeout_ms, &job->req);
         if (r >= 0)
-                r = worker_start(d->workers, identify_run, identify_done, job);
+                r = worker_start(d->workers, identify_job_run, identify_done, job);
         if (r < 0) {
                 log_error_errno(r, "%s: cannot start identify: %m", m->id);
                 identify_request_free(job->req);

@@ -93,8 +93,7 @@ struct mcu {
         uint64_t identify_generation;   /* bumped when a running identify becomes stale */
         uint64_t changed;               /* bitmask of enum mcu_prop */
         struct event *offline_timer;
-        uint64_t offline_deadline;      /* CLOCK_MONOTONIC usec */
-        struct daemon *daemon;          /* set when the registry announces it */
+        struct daemon *daemon;          /* the daemon that tracks it */
         void **pending_refresh;         /* sd_bus_message* waiting for identify (bus layer's) */
         size_t n_pending_refresh;
 };

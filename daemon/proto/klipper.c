@@ -224,6 +224,7 @@ struct identify_session {
         struct transport *transport;
         struct klipper_decoder decoder;
         unsigned n_bad_at_last_block;   /* decoder.n_bad when the last valid block arrived */
+        bool any_block;                 /* at least one valid block arrived */
 
         uint8_t send_seq;               /* seq of the request in flight */
         bool synced;                    /* the MCU answered one of our requests */
@@ -429,6 +430,7 @@ static int session_consume(struct identify_session *s, const uint8_t *buf, size_
                         break;
 
                 s->n_bad_at_last_block = s->decoder.n_bad;
+                s->any_block = true;
                 r = session_handle_block(s, &block);
                 if (r < 0)
                         return r;
@@ -464,6 +466,13 @@ int klipper_identify(struct transport *t, const struct klipper_identify_params *
                 uint64_t now = now_usec();
                 ssize_t n;
 
+                if (now >= s.deadline && !s.any_block && s.decoder.n_bad > 0) {
+                        /* It talks, but never a single valid block: not a
+                         * slow Klipper, something else on this port. */
+                        r = log_debug_errno(EBADMSG, "%s: only data that is not Klipper's protocol within %d ms",
+                                            session_name(&s), timeout_ms);
+                        goto fail;
+                }
                 if (now >= s.deadline) {
                         r = log_debug_errno(ETIMEDOUT, "%s: no complete answer to identify within %d ms",
                                             session_name(&s), timeout_ms);

@@ -241,7 +241,7 @@ static int serial_configure(int fd, const char *path, unsigned baud) {
 
         if (tcgetattr(fd, &tio) < 0) {
                 if (errno != ENOTTY && errno != EINVAL)
-                        return log_debug_errno(errno, "%s: tcgetattr failed: %m", path);
+                        return log_debug_errno(errno ?: EIO, "%s: tcgetattr failed: %m", path);
                 log_debug_errno(errno, "%s: tcgetattr failed, using the port as it is: %m", path);
                 return 0;
         }
@@ -256,7 +256,7 @@ static int serial_configure(int fd, const char *path, unsigned baud) {
 
         if (tcsetattr(fd, TCSANOW, &tio) < 0) {
                 if (errno != ENOTTY && errno != EINVAL)
-                        return log_debug_errno(errno, "%s: tcsetattr failed: %m", path);
+                        return log_debug_errno(errno ?: EIO, "%s: tcsetattr failed: %m", path);
                 log_debug_errno(errno, "%s: tcsetattr refused, using the port as it is: %m", path);
         }
 
@@ -293,7 +293,7 @@ int serial_transport_open(const char *path, unsigned baud, struct transport **re
         if (fd < 0) {
                 if (errno == EBUSY)
                         return log_debug_errno(EBUSY, "%s: port is held exclusively by another process", path);
-                return log_debug_errno(errno, "%s: failed to open: %m", path);
+                return log_debug_errno(errno ?: EIO, "%s: failed to open: %m", path);
         }
 
         if (flock(fd, LOCK_EX | LOCK_NB) < 0) {

@@ -17,7 +17,10 @@ Fixtures (all function-scoped, each test gets fresh ones in its tmp_path):
   dbus_client       harness.BusClient on the private bus
   mcu_props, manager_props, wait_for   shortcuts to dbus_client's methods
 
-The daemon's output is attached to the report of a failing test.  Nothing
+The daemon's output and a summary of every simulator are attached to the
+report of a failing test; MCUFLASHD_SIM_LOG=1 also logs all simulator
+traffic (shown with the captured output).  A test that expects the daemon
+to fail sets `d.expect_failure = True` on the Daemon it started.  Nothing
 here starts anything a test did not ask for: a test that only uses
 `testbed` needs neither a bus nor a built daemon.
 """
@@ -58,7 +61,8 @@ def bus(tmp_path):
 def testbed(request):
     if "libumockdev-preload" not in os.environ.get("LD_PRELOAD", ""):
         pytest.fail("integration tests must run under umockdev's preload: use tests/run-integration")
-    tb = harness.Testbed()
+    log = print if os.environ.get("MCUFLASHD_SIM_LOG") else None
+    tb = harness.Testbed(sim_log=log)
     request.node._mcuflashd_boards = lambda: list(tb.boards)
     yield tb
     tb.close()

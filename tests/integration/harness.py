@@ -369,15 +369,20 @@ class Testbed:
     """umockdev testbed plus helpers to plug and unplug simulated boards.
 
     Create it inside a process that runs under umockdev's preload; children
-    that should see it need UMOCKDEV_DIR=self.root (see Daemon)."""
+    that should see it need env() (UMOCKDEV_DIR and the preload).
+    sim_log: a function that gets every simulator's traffic as text lines.
 
-    def __init__(self):
+    Limits of umockdev 0.17 this class works around: a tty name is never
+    reused after an unplug (ttyACM0 gone -> the next board is ttyACM1), and
+    removal leaves stale entries it cleans up itself."""
+
+    def __init__(self, sim_log=None):
         self.tb = UMockdev.Testbed.new()
         self.root = self.tb.get_root_dir()
         self.boards = []
         self._usec = 1700000000000000
         self._next_devnum = {}
-        self._log = None
+        self._log = sim_log
 
     # -- helpers ---------------------------------------------------------
 
@@ -386,7 +391,10 @@ class Testbed:
         return {"UMOCKDEV_DIR": self.root, "LD_PRELOAD": umockdev_preload()}
 
     def _free_tty(self, prefix):
-        used = {b.tty for b in self.boards if b.plugged}
+        # umockdev 0.17 keeps a removed tty's name in its pty table, and adding
+        # that name again aborts the process: unlike the kernel (lowest free
+        # minor) a name is never reused within one testbed.
+        used = {b.tty for b in self.boards}
         n = 0
         while "%s%d" % (prefix, n) in used:
             n += 1
@@ -416,29 +424,42 @@ class Testbed:
     def _used_ports(self):
         return {getattr(b, "port", None) for b in self.boards if b.plugged}
 
-    def _plug(self, kind, record, tty, links, sim_args, uevent, **info):
-        self.tb.add_from_string(record)
-        syspaths = ["/sys" + line[3:].strip() for line in record.splitlines()
-                    if line.startswith("P: ")]
+    def _plug(self, kind, record, tty, links, sim_args, **info):
+        # umockdev 0.17's add_from_string() emits an "add" uevent for every
+        # device as soon as that device is complete (its /dev node included),
+        # and remove_device() emits nothing.  So add the devices one at a time,
+        # parents first (the templates list the tty first, like
+        # umockdev-record), so that every event finds its parents complete,
+        # in the order the kernel sends them.  The /dev/serial links exist
+        # before the tty's event, as udev creates them before it broadcasts.
+        paragraphs = [p.strip("\n") + "\n" for p in record.split("\n\n") if p.strip()]
+        syspaths = ["/sys" + p.split("\n", 1)[0][3:].strip() for p in paragraphs]
+        for link in links:
+            # Like udev, the newest device takes over a link two share (two
+            # CH340 bridges have the same by-id name).
+            path = self.root + link
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._unlink(path)
+            os.symlink(os.path.relpath(self.root + "/dev/" + tty, os.path.dirname(path)), path)
+        for paragraph in reversed(paragraphs):
+            self.tb.add_from_string(paragraph)
         master = self.tb.get_dev_fd("/dev/" + tty)
         if master < 0:
             raise HarnessError("umockdev created no pty for /dev/%s" % tty)
-        for link in links:
-            path = self.root + link
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.symlink(os.path.relpath(self.root + "/dev/" + tty, os.path.dirname(path)), path)
         sim = None
         if sim_args is not None:
+            # A host that reacted to the uevent may already have written to
+            # the pty; that input waits in the pty until the simulator reads it.
             sim = klipper_mcu.KlipperMcu(master, log=self._log, **sim_args).start()
         board = Board(kind, tty, syspaths, links, master, sim=sim, **info)
+        board.devnos = re.findall(r"^A: dev=(\d+:\d+)", record, re.M)
         self.boards.append(board)
-        if uevent:
-            self.uevent(board, "add")
         return board
 
     def uevent(self, board, action):
-        """Send @action for the board's devices (parents first for "add",
-        children first otherwise), as the kernel orders them."""
+        """Send @action ("change", "remove", or a repeated "add") for the
+        board's devices: parents first for "add", children first otherwise.
+        Plugging a board sends its "add" events by itself."""
         paths = board.syspaths if action != "add" else list(reversed(board.syspaths))
         for p in paths:
             self.tb.uevent(p, action)
@@ -446,10 +467,12 @@ class Testbed:
     # -- boards ----------------------------------------------------------
 
     def add_klipper_usb(self, serial=None, mcu="stm32f429xx", version=HOST_VERSION,
-                        port=None, fault=None, uevent=True, simulate=True, **sim_kwargs):
-        """Plug a Klipper MCU on USB CDC ACM (1d50:614e) with a simulator.
+                        port=None, fault=None, simulate=True, **sim_kwargs):
+        """Plug a Klipper MCU on USB CDC ACM (1d50:614e) with a simulator;
+        monitors get the kernel's "add" events (usb_device, interfaces, tty).
 
-        serial: USB serial (chip id hex); default derived from the port
+        serial: USB serial (chip id hex); default 2E003600...0851363131363530,
+                one per board
         port: USB port path like "1-1.3"; default the next free 1-1.N
         fault, **sim_kwargs: passed to KlipperMcu (build_versions, start_seq, ...)
         simulate=False leaves the pty without a simulator (board.sim None).
@@ -466,11 +489,11 @@ class Testbed:
         links = ["/dev/serial/by-path/pci-0000:00:14.0-usb-0:%s:1.0" % values["USBPATH"],
                  "/dev/serial/by-id/usb-Klipper_%s_%s-if00" % (mcu, serial)]
         sim_args = dict(version=version, mcu=mcu, fault=fault, **sim_kwargs) if simulate else None
-        return self._plug("klipper-usb", record, tty, links, sim_args, uevent,
+        return self._plug("klipper-usb", record, tty, links, sim_args,
                           serial=serial, mcu=mcu, port=port, version=version,
                           vendor_id=0x1d50, product_id=0x614e)
 
-    def add_usb_serial_bridge(self, port=None, klipper=None, uevent=True):
+    def add_usb_serial_bridge(self, port=None, klipper=None):
         """Plug a CH340 USB-UART bridge (1a86:7523, ttyUSBn, no serial).
         klipper: None (nothing answers) or a dict of KlipperMcu arguments
         (version, mcu, fault, ...) for a Klipper board behind the bridge."""
@@ -484,11 +507,11 @@ class Testbed:
         links = ["/dev/serial/by-path/pci-0000:00:14.0-usb-0:%s:1.0-port0" % values["USBPATH"],
                  "/dev/serial/by-id/usb-1a86_USB_Serial-if00-port0"]
         sim_args = dict(link="serial", **klipper) if klipper is not None else None
-        return self._plug("ch340", record, tty, links, sim_args, uevent, port=port,
+        return self._plug("ch340", record, tty, links, sim_args, port=port,
                           serial="", vendor_id=0x1a86, product_id=0x7523,
                           mcu=(klipper or {}).get("mcu"), version=(klipper or {}).get("version"))
 
-    def add_uart(self, tty="ttyAMA0", klipper=None, uevent=True):
+    def add_uart(self, tty="ttyAMA0", klipper=None):
         """Add an on-board UART (Raspberry Pi PL011 style), optionally with a
         Klipper simulator (dict of KlipperMcu arguments) on it."""
         m = re.fullmatch(r"([A-Za-z]+)(\d+)", tty)
@@ -499,12 +522,13 @@ class Testbed:
                   "LINE": line, "UARTTYPE": 91, "USEC": self._usec}
         record = _fill(_read_template("platform-uart.umockdev"), values)
         sim_args = dict(link="serial", **klipper) if klipper is not None else None
-        return self._plug("uart", record, tty, [], sim_args, uevent, port="", serial="",
+        return self._plug("uart", record, tty, [], sim_args, port="", serial="",
                           mcu=(klipper or {}).get("mcu"), version=(klipper or {}).get("version"))
 
     def remove(self, board, uevent=True):
         """Unplug: stop the simulator, hang up the pty (the host sees EOF/EIO),
-        send "remove" uevents, delete the devices and /dev/serial links."""
+        send "remove" uevents (tty first), delete the devices and /dev/serial
+        links.  uevent=False removes silently (a monitor misses the unplug)."""
         if not board.plugged:
             return
         if board.sim is not None:
@@ -512,14 +536,34 @@ class Testbed:
         self._hangup(board)
         if uevent:
             self.uevent(board, "remove")
+        try:
+            pts = os.readlink(self.root + board.devnode)
+        except OSError:
+            pts = None
         for p in board.syspaths:
             self.tb.remove_device(p)
+        # remove_device() (umockdev 0.17) leaves the /sys/dev/char links and
+        # the pty map entry behind; a later device with the same numbers or
+        # the same /dev/pts/N would then abort the testbed.
+        for devno in board.devnos:
+            self._unlink(self.root + "/sys/dev/char/" + devno)
+        if pts:
+            self._unlink(self.root + "/dev/.ptymap/" + pts.replace("/", "_"))
         for link in board.links:
+            path = self.root + link
             try:
-                os.unlink(self.root + link)
-            except FileNotFoundError:
+                if os.path.basename(os.readlink(path)) == board.tty:
+                    os.unlink(path)
+            except OSError:
                 pass
         board.plugged = False
+
+    @staticmethod
+    def _unlink(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
     @staticmethod
     def _hangup(board):
@@ -594,8 +638,10 @@ class Daemon:
     """The built mcuflashd on the private bus inside the testbed.
 
     Environment: DBUS_SYSTEM_BUS_ADDRESS, UMOCKDEV_DIR, LD_PRELOAD of
-    umockdev's preload (after libasan when ASan is in use via ASAN_OPTIONS),
-    GIT_CEILING_DIRECTORIES so a checkout under /tmp never finds another repo.
+    umockdev's preload, ASAN_OPTIONS=verify_asan_link_order=0 (needed by
+    ASan builds under a preload), GIT_CEILING_DIRECTORIES=@workdir so
+    git describe in the fake checkout never finds another repository.
+    @env entries override all of these.
     $DAEMON_WRAPPER (e.g. "valgrind --error-exitcode=99") prefixes the command."""
 
     def __init__(self, workdir, bus_address, testbed, config_text, args=("-v",), env=None,
@@ -609,8 +655,9 @@ class Daemon:
             f.write(config_text)
         self.log_path = os.path.join(workdir, "%s.log" % name)
         self._log = open(self.log_path, "w")
+        # git describe in the fake checkout must not find a repository above it.
         full_env = clean_env(DBUS_SYSTEM_BUS_ADDRESS=bus_address,
-                             GIT_CEILING_DIRECTORIES=os.path.dirname(workdir.rstrip("/")))
+                             GIT_CEILING_DIRECTORIES=os.path.abspath(workdir))
         full_env.update(testbed.env())
         full_env.setdefault("ASAN_OPTIONS", "verify_asan_link_order=0")
         if "verify_asan_link_order" not in full_env["ASAN_OPTIONS"]:

@@ -31,6 +31,7 @@ killed, or act as the host against a device:
 import argparse
 import errno
 import fcntl
+import json
 import os
 import random
 import select
@@ -40,6 +41,7 @@ import termios
 import threading
 import time
 import tty
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import klipper_dict  # noqa: E402
@@ -97,10 +99,8 @@ class KlipperMcu:
             self.dict_json, self.dict_compressed = klipper_dict.build(
                 version, mcu, build_versions=build_versions, link=link)
         else:
-            import zlib
             self.dict_json = dictionary
             self.dict_compressed = zlib.compress(dictionary.encode(), 9)
-        import json
         parsed = json.loads(self.dict_json)
         self.clock_freq = parsed["config"].get("CLOCK_FREQ", 1000000)
         self.commands = klipper_proto.MessageParser(parsed["commands"].items())
@@ -129,8 +129,9 @@ class KlipperMcu:
         self._stopping = False
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        # Raw slave (termios requests on a pty master act on the slave).  No
+        # flush: a host may already have written to a freshly plugged port.
         tty.setraw(fd, termios.TCSANOW)
-        termios.tcflush(fd, termios.TCIOFLUSH)
 
     # -- control ---------------------------------------------------------
 
@@ -356,10 +357,10 @@ class KlipperMcu:
         number is kept valid (pointing at /dev/null) because the testbed
         that handed it to us closes it later."""
         self._debug("disconnecting")
+        self.disconnected = True
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         os.dup2(null, self.fd)
         os.close(null)
-        self.disconnected = True
 
 
 def host_identify(fd, timeout=5.0, first_seq=1, count=klipper_proto.IDENTIFY_CHUNK, rto=0.1):

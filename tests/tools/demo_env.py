@@ -1,0 +1,202 @@
+#!/usr/bin/python3
+"""The simulated demo printer of design.md §5, with mcuflashd running on it.
+
+Starts a private system-like D-Bus bus, a umockdev testbed with the demo's
+USB MCUs (each a Klipper simulator speaking the real protocol), a fake
+Klipper checkout and printer.cfg, and the built mcuflashd; waits until the
+daemon has identified every MCU; then either runs the command given after
+`--` (with mcuflashctl on PATH and DBUS_SYSTEM_BUS_ADDRESS set) and exits
+with its status, or prints `mcuflashctl status`.  Everything it started is
+stopped on the way out, also on Ctrl-C, SIGTERM or an error.
+
+  demo_env.py [-v] [--keep] [-- CMD ARGS...]
+
+It re-executes itself under umockdev-wrapper when the preload is missing.
+The CAN MCU (EBBCan) and the Linux process MCU (rpi) of the demo printer
+come with the issues that add those transports; the flash step of the demo
+comes with flashing.  The build dir is $MCUFLASHD_BUILDDIR (default
+<repo>/build); this script does not build anything.
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "integration"))
+
+REEXEC_MARK = "MCUFLASHD_DEMO_UNDER_UMOCKDEV"
+
+
+def ensure_preload():
+    if "libumockdev-preload" in os.environ.get("LD_PRELOAD", ""):
+        return
+    if os.environ.get(REEXEC_MARK):
+        sys.exit("demo_env.py: umockdev's preload is still missing after re-executing "
+                 "under umockdev-wrapper")
+    env = dict(os.environ)
+    env[REEXEC_MARK] = "1"
+    env["LD_PRELOAD"] = ""
+    os.execvpe("umockdev-wrapper", ["umockdev-wrapper", "/usr/bin/python3",
+                                    os.path.abspath(__file__)] + sys.argv[1:], env)
+
+
+ensure_preload()
+
+import harness  # noqa: E402
+from gi.repository import UMockdev  # noqa: E402
+
+MAIN = dict(name="mcu", mcu="stm32f429xx", serial="2E0036000851363131363530", port="1-1.2",
+            version=harness.HOST_VERSION)
+EDDY = dict(name="mcu eddy", mcu="rp2040", serial="E66138935F4A2B2C", port="1-1.3",
+            version=harness.OLD_VERSION)
+
+PRINTER_CFG = """\
+# printer.cfg of the simulated demo printer (mcuflashd design.md §5):
+# BTT Octopus Pro (stm32f429xx) as the main MCU, a BTT Eddy probe (rp2040).
+
+[mcu]
+serial: /dev/serial/by-id/usb-Klipper_{main[mcu]}_{main[serial]}-if00
+
+[mcu eddy]
+serial: /dev/serial/by-id/usb-Klipper_{eddy[mcu]}_{eddy[serial]}-if00
+
+# [mcu EBBCan] (EBB36, stm32g0b1xx on can0 with Katapult) joins the demo with
+# the CAN transport:
+#[mcu EBBCan]
+#canbus_uuid: 0e0d81e4210c
+
+# [mcu rpi] (the Linux process MCU) joins the demo with the Linux MCU transport:
+#[mcu rpi]
+#serial: /tmp/klipper_host_mcu
+
+[printer]
+kinematics: corexy
+max_velocity: 300
+max_accel: 3000
+max_z_velocity: 15
+max_z_accel: 100
+
+[stepper_x]
+step_pin: PF13
+dir_pin: PF12
+enable_pin: !PF14
+microsteps: 16
+rotation_distance: 40
+endstop_pin: PG6
+position_endstop: 0
+position_max: 300
+homing_speed: 50
+
+[probe_eddy_current btt_eddy]
+sensor_type: ldc1612
+i2c_mcu: eddy
+i2c_bus: i2c0f
+x_offset: 0
+y_offset: 21.42
+z_offset: 2.0
+
+[temperature_sensor btt_eddy_mcu]
+sensor_type: temperature_mcu
+sensor_mcu: eddy
+"""
+
+
+class Terminated(Exception):
+    pass
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def run(command, env):
+    """Run @command; on Ctrl-C or SIGTERM stop it too before passing it on."""
+    try:
+        proc = subprocess.Popen(command, env=env)
+    except OSError as e:
+        print("demo_env.py: cannot run %s: %s" % (command[0], e), file=sys.stderr)
+        return 127
+    try:
+        return proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="print the daemon's log when done")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for the MCUs to be identified")
+    argv = sys.argv[1:]
+    command = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1:]
+    args = ap.parse_args(argv)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    env = harness.Environment(keep=args.keep)
+    status = 1
+    try:
+        env.start_bus()
+        testbed = env.start_testbed()
+        if not UMockdev.in_mock_environment():
+            raise harness.HarnessError("not inside the umockdev testbed")
+        env.host.set_version(harness.HOST_VERSION)
+        env.host.write_printer_cfg(PRINTER_CFG.format(main=MAIN, eddy=EDDY))
+        boards = []
+        for b in (MAIN, EDDY):
+            boards.append(testbed.add_klipper_usb(serial=b["serial"], mcu=b["mcu"],
+                                                  version=b["version"], port=b["port"]))
+        env.start_daemon()
+
+        def all_identified():
+            found = [env.client.find_mcu(UsbSerial=b["serial"]) for b in (MAIN, EDDY)]
+            return all(p is not None and p.get("State") == "application" for p in found)
+
+        try:
+            env.client.wait_for(all_identified, timeout=args.timeout,
+                                what="both demo MCUs in state application")
+        except TimeoutError as e:
+            print("demo_env.py: %s\n--- mcuflashd output ---\n%s" % (e, env.daemon.log()),
+                  file=sys.stderr)
+            return 1
+
+        run_env = harness.clean_env(DBUS_SYSTEM_BUS_ADDRESS=env.bus.address)
+        run_env["PATH"] = os.path.join(harness.build_dir(), "client") + os.pathsep + \
+            run_env.get("PATH", "/usr/bin:/bin")
+        status = run(command or [harness.ctl_binary(), "status"], run_env)
+    except KeyboardInterrupt:
+        status = 130
+    except Terminated:
+        status = 143
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        daemon = env.daemon
+        daemon_status = env.close()
+        if daemon is not None and args.verbose:
+            print("--- mcuflashd output ---\n%s" % daemon.log(), file=sys.stderr)
+        if daemon_status not in (None, 0):
+            print("demo_env.py: mcuflashd exited with status %s" % daemon_status,
+                  file=sys.stderr)
+            if status == 0:
+                status = 1
+        if args.keep:
+            print("demo_env.py: kept %s" % env.workdir, file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
