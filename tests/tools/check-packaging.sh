@@ -33,6 +33,7 @@ RootDirectoryOrRootImage                       reads the host's Klipper checkout
 UserOrDynamicUser                              root: opens root-owned device nodes and other users' files
 PrivateDevices                                 talks to real serial ports and USB devices (DeviceAllow= limits them)
 CapabilityBoundingSet_CAP_DAC_FOWNER_IPC_OWNER CAP_DAC_OVERRIDE: printer.cfg in 0700 homes, klippy socket, Linux MCU pty
+CapabilityBoundingSet_CAP_SYS_PTRACE           list /proc/PID/fd of other users to see who holds a serial port
 RestrictAddressFamilies_AF_NETLINK             udev monitor and rtnetlink (CAN interfaces)
 RestrictAddressFamilies_AF_UNIX                D-Bus and the klippy API socket
 RestrictAddressFamilies_OTHER                  AF_CAN for CAN MCUs
