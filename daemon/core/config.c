@@ -15,6 +15,7 @@
 #include "core/config.h"
 #include "shared/log.h"
 #include "shared/macro.h"
+#include "shared/strutil.h"
 
 #define USEC_PER_SEC UINT64_C(1000000)
 #define DEFAULT_KLIPPER_SERVICE "klipper.service"
@@ -26,81 +27,6 @@ struct config_location {
         const char *path;
         unsigned line;
 };
-
-static char **strv_free(char **l) {
-        if (!l)
-                return NULL;
-        for (char **i = l; *i; i++)
-                free(*i);
-        free(l);
-        return NULL;
-}
-
-static size_t strv_length(char * const *l) {
-        size_t n = 0;
-
-        if (l)
-                while (l[n])
-                        n++;
-        return n;
-}
-
-static bool strv_contains(char * const *l, const char *s) {
-        if (l)
-                for (char * const *i = l; *i; i++)
-                        if (streq(*i, s))
-                                return true;
-        return false;
-}
-
-/* Append a copy of @s to the NULL-terminated list *@l. */
-static int strv_extend(char ***l, const char *s) {
-        size_t n = strv_length(*l);
-        char **grown;
-        char *copy;
-
-        copy = strdup(s);
-        if (!copy)
-                return -ENOMEM;
-        grown = realloc(*l, (n + 2) * sizeof(char *));
-        if (!grown) {
-                free(copy);
-                return -ENOMEM;
-        }
-        grown[n] = copy;
-        grown[n + 1] = NULL;
-        *l = grown;
-        return 0;
-}
-
-static int strv_copy(char * const *l, char ***ret) {
-        char **copy = NULL;
-        int r;
-
-        if (l)
-                for (char * const *i = l; *i; i++) {
-                        r = strv_extend(&copy, *i);
-                        if (r < 0) {
-                                strv_free(copy);
-                                return r;
-                        }
-                }
-        *ret = copy;
-        return 0;
-}
-
-/* Strip leading and trailing whitespace in place; returns the new start. */
-static char *strip(char *s) {
-        char *end;
-
-        while (isspace((unsigned char) *s))
-                s++;
-        end = s + strlen(s);
-        while (end > s && isspace((unsigned char) end[-1]))
-                end--;
-        *end = '\0';
-        return s;
-}
 
 int config_new(struct config **ret) {
         _cleanup_(config_freep) struct config *c = NULL;
@@ -297,8 +223,8 @@ static int assign_service(const struct config_location *loc, const char *value,
  * empty value clears the list. */
 static int assign_serial_devices(const struct config_location *loc, const char *value,
                                  char ***list) {
+        _cleanup_(strv_freep) char **extended = NULL;
         _cleanup_free_ char *copy = NULL;
-        char **extended = NULL;
         char *word, *save = NULL;
         int r;
 
@@ -319,20 +245,17 @@ static int assign_serial_devices(const struct config_location *loc, const char *
                 if (!path_is_absolute(word)) {
                         log_error("%s:%u: SerialDevices= entries must be absolute paths, got '%s'.",
                                   loc->path, loc->line, word);
-                        strv_free(extended);
                         return -EINVAL;
                 }
                 if (strv_contains(extended, word))
                         continue;
                 r = strv_extend(&extended, word);
-                if (r < 0) {
-                        strv_free(extended);
+                if (r < 0)
                         return r;
-                }
         }
 
         strv_free(*list);
-        *list = extended;
+        *list = TAKE_PTR(extended);
         return 0;
 }
 
@@ -409,7 +332,7 @@ static int config_assign(struct config *c, const struct config_location *loc,
 
 static int config_parse_line(struct config *c, const struct config_location *loc,
                              enum config_section *section, char *line) {
-        char *l = strip(line), *eq, *key, *value;
+        char *l = strstrip(line), *eq, *key, *value;
 
         if (!*l || *l == '#' || *l == ';')
                 return 0;
@@ -423,7 +346,7 @@ static int config_parse_line(struct config *c, const struct config_location *loc
                         return -EINVAL;
                 }
                 l[len - 1] = '\0';
-                name = strip(l + 1);
+                name = strstrip(l + 1);
                 if (streq(name, "Klipper"))
                         *section = SECTION_KLIPPER;
                 else if (streq(name, "Discovery"))
@@ -443,8 +366,8 @@ static int config_parse_line(struct config *c, const struct config_location *loc
                 return -EINVAL;
         }
         *eq = '\0';
-        key = strip(l);
-        value = strip(eq + 1);
+        key = strstrip(l);
+        value = strstrip(eq + 1);
         if (!*key) {
                 log_error("%s:%u: Missing key name before '='.", loc->path, loc->line);
                 return -EINVAL;

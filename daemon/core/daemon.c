@@ -12,21 +12,13 @@
 #include "bus/bus.h"
 #include "bus/manager.h"
 #include "bus/mcu.h"
-#include "core/daemon.h"
+#include "core/daemon-internal.h"
 #include "core/identify.h"
 #include "core/version.h"
 #include "shared/log.h"
 #include "build-config.h"
 
-#define KLIPPER_USB_VENDOR_ID 0x1d50
-#define KLIPPER_USB_PRODUCT_ID 0x614e
-/* Klipper's CONFIG_USB_SERIAL_NUMBER default, used when the chip has no id:
- * not unique, so such boards are identified by their USB port instead. */
-#define KLIPPER_DEFAULT_USB_SERIAL "12345"
-#define DEFAULT_UART_BAUD 250000
 
-static void daemon_start_identify(struct daemon *d, struct mcu *m);
-static void daemon_arm_offline_timer(struct daemon *d, struct mcu *m);
 
 /* ---- host version ------------------------------------------------------ */
 
@@ -127,7 +119,7 @@ static const struct printercfg_mcu *daemon_printercfg_entry(struct daemon *d, co
 }
 
 /* Name and UART speed as printer.cfg says. */
-static void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
+void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
         const struct printercfg_mcu *entry = daemon_printercfg_entry(d, m);
 
         (void) mcu_set_string(m, MCU_PROP_NAME, entry ? entry->name : "");
@@ -135,248 +127,6 @@ static void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
                 m->baud = entry && entry->baud ? entry->baud : DEFAULT_UART_BAUD;
         else
                 m->baud = 0;
-}
-
-/* ---- tty discovery ----------------------------------------------------- */
-
-static bool strv_contains(char **l, const char *s) {
-        for (; l && *l; l++)
-                if (streq(*l, s))
-                        return true;
-        return false;
-}
-
-static bool devlinks_in_list(const char *devlinks, char **l) {
-        _cleanup_free_ char *copy = strdup(devlinks);
-        char *save = NULL;
-
-        if (!copy)
-                return false;
-        for (char *w = strtok_r(copy, " ", &save); w; w = strtok_r(NULL, " ", &save))
-                if (strv_contains(l, w))
-                        return true;
-        return false;
-}
-
-static bool tty_is_klipper_usb(const struct udev_tty_info *info) {
-        return info->usb_vendor_id == KLIPPER_USB_VENDOR_ID &&
-               info->usb_product_id == KLIPPER_USB_PRODUCT_ID;
-}
-
-/* Is this tty one we watch: Klipper's USB id, named in printer.cfg, or
- * listed in SerialDevices=? */
-static bool daemon_tty_wanted(struct daemon *d, const struct udev_tty_info *info) {
-        if (tty_is_klipper_usb(info))
-                return true;
-        if (d->printercfg &&
-            printercfg_find_serial(d->printercfg, info->devnode, info->devlinks, info->usb_serial))
-                return true;
-        return strv_contains(d->config->extra_serial_devices, info->devnode) ||
-               devlinks_in_list(info->devlinks, d->config->extra_serial_devices);
-}
-
-/* The stable identity of the chip behind a tty: its USB serial when that
- * is a real chip id, else the USB port, else the device name. */
-static int tty_mcu_id(const struct udev_tty_info *info, char **ret) {
-        const char *base;
-
-        if (!isempty(info->usb_serial) && !streq(info->usb_serial, KLIPPER_DEFAULT_USB_SERIAL))
-                return (*ret = strdup(info->usb_serial)) ? 0 : -ENOMEM;
-        if (!isempty(info->usb_port))
-                return asprintf(ret, "usb-%s", info->usb_port) < 0 ? -ENOMEM : 0;
-        base = strrchr(info->devnode, '/');
-        return (*ret = strdup(base ? base + 1 : info->devnode)) ? 0 : -ENOMEM;
-}
-
-static void daemon_cancel_offline_timer(struct mcu *m) {
-        if (m->offline_timer) {
-                event_free(m->offline_timer);
-                m->offline_timer = NULL;
-        }
-}
-
-static void daemon_tty_added(void *userdata, const struct udev_tty_info *info) {
-        struct daemon *d = userdata;
-        _cleanup_free_ char *id = NULL;
-        struct mcu *m;
-        bool is_new = false;
-        int r;
-
-        if (!daemon_tty_wanted(d, info))
-                return;
-
-        m = registry_find_by_syspath(d->registry, info->syspath);
-        if (!m) {
-                r = tty_mcu_id(info, &id);
-                if (r < 0) {
-                        log_oom();
-                        return;
-                }
-                m = registry_find_by_id(d->registry, id);
-                /* Two boards claiming one serial number: the second one is
-                 * told apart by its port. */
-                if (m && m->state_id != MCU_STATE_OFFLINE && !isempty(info->usb_port)) {
-                        log_warning("%s and %s report the same USB serial %s; identifying %s by its port.",
-                                    m->device_path, info->devnode, info->usb_serial, info->devnode);
-                        free(id);
-                        if (asprintf(&id, "usb-%s", info->usb_port) < 0) {
-                                id = NULL;
-                                log_oom();
-                                return;
-                        }
-                        m = registry_find_by_id(d->registry, id);
-                }
-        }
-        if (!m) {
-                r = mcu_new(id, &m);
-                if (r < 0) {
-                        log_oom();
-                        return;
-                }
-                m->daemon = d;
-                is_new = true;
-        }
-
-        daemon_cancel_offline_timer(m);
-        (void) free_and_strdup(&m->syspath, info->syspath);
-        (void) free_and_strdup(&m->devlinks, info->devlinks);
-        mcu_set_transport(m, info->usb_vendor_id ? MCU_TRANSPORT_USB_SERIAL : MCU_TRANSPORT_SERIAL);
-        (void) mcu_set_string(m, MCU_PROP_DEVICE_PATH, info->devnode);
-        mcu_set_usb_ids(m, info->usb_vendor_id, info->usb_product_id);
-        (void) mcu_set_string(m, MCU_PROP_USB_SERIAL, info->usb_serial);
-        (void) mcu_set_string(m, MCU_PROP_USB_PORT, info->usb_port);
-        if (tty_is_klipper_usb(info)) {
-                /* Klipper's USB descriptors name the firmware and the chip;
-                 * good to know even before (or without) identify. */
-                if (isempty(m->firmware))
-                        (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Klipper");
-                if (isempty(m->mcu_type) && !isempty(info->usb_product))
-                        (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, info->usb_product);
-        }
-        if (m->state_id == MCU_STATE_OFFLINE) {
-                mcu_set_state(m, MCU_STATE_UNKNOWN);
-                (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "");
-        }
-        daemon_apply_printercfg(d, m);
-
-        if (is_new) {
-                log_info("%s: found %s%s%s", m->id, m->device_path,
-                         isempty(m->name) ? "" : " as ", m->name);
-                if (registry_add(d->registry, m) < 0) {
-                        log_oom();
-                        return;
-                }
-        } else
-                registry_commit(d->registry, m);
-
-        daemon_start_identify(d, m);
-}
-
-/* An offline MCU stays visible (its identity and last version are useful to
- * a person looking for it) until OfflineTimeoutSec has passed. */
-static void on_offline_timeout(evutil_socket_t fd, short what, void *userdata) {
-        struct mcu *m = userdata;
-
-        log_info("%s: offline for too long; forgetting it.", m->id);
-        registry_remove(m->daemon->registry, m);
-}
-
-static void daemon_arm_offline_timer(struct daemon *d, struct mcu *m) {
-        uint64_t timeout = d->config->offline_timeout_usec;
-        struct timeval tv = {
-                .tv_sec = (time_t) (timeout / 1000000),
-                .tv_usec = (suseconds_t) (timeout % 1000000),
-        };
-
-        daemon_cancel_offline_timer(m);
-        if (timeout == 0)
-                return;
-        m->offline_timer = evtimer_new(d->base, on_offline_timeout, m);
-        if (!m->offline_timer || evtimer_add(m->offline_timer, &tv) < 0)
-                log_oom();
-}
-
-static void daemon_tty_removed(void *userdata, const char *syspath) {
-        struct daemon *d = userdata;
-        struct mcu *m = registry_find_by_syspath(d->registry, syspath);
-
-        if (!m)
-                return;
-        log_info("%s: %s is gone; keeping the MCU as offline.", m->id, m->device_path);
-        (void) free_and_strdup(&m->syspath, "");
-        m->identify_generation++;
-        m->identifying = false;
-        mcu_set_state(m, MCU_STATE_OFFLINE);
-        (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "device was unplugged or reset");
-        registry_commit(d->registry, m);
-        bus_mcu_complete_refresh(d, m, -ENODEV);
-        daemon_arm_offline_timer(d, m);
-}
-
-/* ---- identification ---------------------------------------------------- */
-
-struct identify_job {
-        struct daemon *daemon;
-        struct identify_request *req;
-};
-
-static void identify_done(void *userdata, int result) {
-        struct identify_job *job = userdata;
-        struct daemon *d = job->daemon;
-        struct mcu *m;
-
-        if (result != -ECANCELED) {
-                m = registry_find_by_id(d->registry, job->req->mcu_id);
-                /* Unplugged (or re-plugged) meanwhile: this answer is stale. */
-                if (m && m->identify_generation == job->req->generation) {
-                        m->identifying = false;
-                        identify_apply(m, job->req, result, d->host_version);
-                        registry_commit(d->registry, m);
-                        bus_mcu_complete_refresh(d, m, result);
-                }
-        }
-        identify_request_free(job->req);
-        free(job);
-}
-
-static int identify_job_run(void *userdata) {
-        struct identify_job *job = userdata;
-
-        return identify_run(job->req);
-}
-
-static void daemon_start_identify(struct daemon *d, struct mcu *m) {
-        struct identify_job *job;
-        int timeout_ms = (int) MIN(d->config->identify_timeout_usec / 1000, 600000);
-        int r;
-
-        if (m->identifying || m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
-                return;
-        job = calloc(1, sizeof(*job));
-        if (!job) {
-                log_oom();
-                return;
-        }
-        job->daemon = d;
-        m->identify_generation++;
-        r = identify_request_new(m, timeout_ms, &job->req);
-        if (r >= 0)
-                r = worker_start(d->workers, identify_job_run, identify_done, job);
-        if (r < 0) {
-                log_error_errno(r, "%s: cannot start identify: %m", m->id);
-                identify_request_free(job->req);
-                free(job);
-                return;
-        }
-        m->identifying = true;
-        log_debug("%s: identifying on %s", m->id, m->device_path);
-}
-
-int daemon_refresh_mcu(struct daemon *d, struct mcu *m) {
-        if (m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
-                return -ENODEV;
-        daemon_start_identify(d, m);
-        return m->identifying ? 0 : -ENOMEM;
 }
 
 /* ---- rescan ------------------------------------------------------------ */
@@ -400,6 +150,9 @@ int daemon_rescan(struct daemon *d) {
         }
 
         r = udev_discovery_enumerate(d->udev);
+        if (r < 0)
+                return r;
+        r = daemon_linux_mcus_update(d);
         if (r < 0)
                 return r;
 
@@ -454,6 +207,7 @@ struct daemon *daemon_free(struct daemon *d) {
         /* Workers first: their completions still refer to the registry. */
         d->workers = worker_pool_free(d->workers);
         d->udev = udev_discovery_free(d->udev);
+        d->path_watch = path_watch_free(d->path_watch);
         bus_disconnect(d);
         d->registry = registry_free(d->registry);
         if (d->sigterm_event)
@@ -506,6 +260,9 @@ int daemon_run(struct daemon *d) {
         r = udev_discovery_enumerate(d->udev);
         if (r < 0)
                 return r;
+        r = daemon_linux_mcus_update(d);
+        if (r < 0)
+                return log_error_errno(r, "Cannot watch for Linux process MCUs: %m");
 
         /* The name last: a client that sees it finds the objects ready. */
         r = bus_request_name(d);

@@ -15,6 +15,7 @@
 #include "core/printercfg.h"
 #include "core/registry.h"
 #include "core/worker.h"
+#include "discover/pathwatch.h"
 #include "discover/udev.h"
 
 struct bus_loop;
@@ -31,6 +32,7 @@ struct daemon {
         struct registry *registry;
         struct worker_pool *workers;
         struct udev_discovery *udev;
+        struct path_watch *path_watch;  /* Linux process MCU ptys */
 
         sd_bus *bus;
         struct bus_loop *bus_loop;

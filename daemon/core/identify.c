@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bus/mcu.h"
+#include "core/daemon-internal.h"
 #include "core/identify.h"
 #include "proto/klipper.h"
 #include "shared/log.h"
@@ -125,3 +127,70 @@ void identify_apply(struct mcu *m, const struct identify_request *req, int resul
         else
                 log_warning("%s: %s: %s", m->id, req->device_path, reason);
 }
+
+/* ---- scheduling, on the main loop ------------------------------------- */
+
+struct identify_job {
+        struct daemon *daemon;
+        struct identify_request *req;
+};
+
+static void identify_done(void *userdata, int result) {
+        struct identify_job *job = userdata;
+        struct daemon *d = job->daemon;
+        struct mcu *m;
+
+        if (result != -ECANCELED) {
+                m = registry_find_by_id(d->registry, job->req->mcu_id);
+                /* Unplugged (or re-plugged) meanwhile: this answer is stale. */
+                if (m && m->identify_generation == job->req->generation) {
+                        m->identifying = false;
+                        identify_apply(m, job->req, result, d->host_version);
+                        registry_commit(d->registry, m);
+                        bus_mcu_complete_refresh(d, m, result);
+                }
+        }
+        identify_request_free(job->req);
+        free(job);
+}
+
+static int identify_job_run(void *userdata) {
+        struct identify_job *job = userdata;
+
+        return identify_run(job->req);
+}
+
+void daemon_start_identify(struct daemon *d, struct mcu *m) {
+        struct identify_job *job;
+        int timeout_ms = (int) MIN(d->config->identify_timeout_usec / 1000, 600000);
+        int r;
+
+        if (m->identifying || m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
+                return;
+        job = calloc(1, sizeof(*job));
+        if (!job) {
+                log_oom();
+                return;
+        }
+        job->daemon = d;
+        m->identify_generation++;
+        r = identify_request_new(m, timeout_ms, &job->req);
+        if (r >= 0)
+                r = worker_start(d->workers, identify_job_run, identify_done, job);
+        if (r < 0) {
+                log_error_errno(r, "%s: cannot start identify: %m", m->id);
+                identify_request_free(job->req);
+                free(job);
+                return;
+        }
+        m->identifying = true;
+        log_debug("%s: identifying on %s", m->id, m->device_path);
+}
+
+int daemon_refresh_mcu(struct daemon *d, struct mcu *m) {
+        if (m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
+                return -ENODEV;
+        daemon_start_identify(d, m);
+        return m->identifying ? 0 : -ENOMEM;
+}
+

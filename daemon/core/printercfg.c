@@ -37,6 +37,7 @@
 #include "core/printercfg.h"
 #include "shared/log.h"
 #include "shared/macro.h"
+#include "shared/strutil.h"
 
 #define MAX_INCLUDE_DEPTH 32
 #define MAX_FILE_SIZE (16 * 1024 * 1024)
@@ -317,8 +318,7 @@ static int parse_line(struct parser *p, struct chunk_state *st, const char *file
         key = strndup_stripped(value, (size_t) (delim - value));
         if (!key)
                 return -ENOMEM;
-        for (char *c = key; *c; c++)
-                *c = (char) tolower((unsigned char) *c);
+        ascii_strlower(key);
 
         if (st->autosave) {
                 ssize_t existing = section_find_option(&p->sections[st->section], key);
@@ -683,8 +683,7 @@ static int mcu_from_section(struct parser *p, const struct section *s, struct pr
                 return -ENOMEM;
 
         if (m->canbus_uuid)
-                for (char *c = m->canbus_uuid; *c; c++)
-                        *c = (char) tolower((unsigned char) *c);
+                ascii_strlower(m->canbus_uuid);
 
         if (baud && parse_baud(baud, &m->baud) < 0)
                 parser_warn(p, "[%s]: Invalid baud '%s', ignoring.", s->name, baud);

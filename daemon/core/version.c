@@ -22,6 +22,8 @@
 #include "core/version.h"
 #include "shared/log.h"
 #include "shared/macro.h"
+#include "shared/strutil.h"
+#include "shared/time-util.h"
 
 #define GIT_TIMEOUT_MSEC 5000
 #define MAX_VERSION_OUTPUT 1024
@@ -40,18 +42,6 @@ const char *version_match_to_string(enum version_match m) {
                 break;
         }
         return "unknown";
-}
-
-static char *strip(char *s) {
-        char *end;
-
-        while (isspace((unsigned char) *s))
-                s++;
-        end = s + strlen(s);
-        while (end > s && isspace((unsigned char) end[-1]))
-                end--;
-        *end = '\0';
-        return s;
 }
 
 static bool all_digits(const char *s, size_t n) {
@@ -140,7 +130,7 @@ int version_parse(const char *s, struct version *ret) {
         copy = strdup(s);
         if (!copy)
                 return -ENOMEM;
-        core = strip(copy);
+        core = strstrip(copy);
         split_suffixes(core, &dirty, &stamp);
         if (!*core || streq(core, "?"))
                 return -EINVAL;
@@ -241,22 +231,8 @@ bool version_is_custom_build(const char *version) {
         copy = strdup(version);
         if (!copy)
                 return false;
-        split_suffixes(strip(copy), &dirty, &stamp);
+        split_suffixes(strstrip(copy), &dirty, &stamp);
         return dirty || stamp;
-}
-
-static long long now_msec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (long long) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void free_strv(char **l) {
-        if (l)
-                for (char **i = l; *i; i++)
-                        free(*i);
-        free(l);
 }
 
 /* The environment for git: ours without GIT_* variables (GIT_DIR and friends
@@ -284,7 +260,7 @@ static char **git_environment(void) {
                 goto oom;
         return env;
 oom:
-        free_strv(env);
+        strv_free(env);
         return NULL;
 }
 
@@ -332,7 +308,7 @@ static int run_git(const char *path, const char *const *args, long long deadline
         pid = fork();
         if (pid < 0) {
                 r = -errno;
-                free_strv(env);
+                strv_free(env);
                 return r;
         }
         if (pid == 0) {
@@ -347,12 +323,12 @@ static int run_git(const char *path, const char *const *args, long long deadline
                 _exit(127);
         }
 
-        free_strv(env);
+        strv_free(env);
         out_write = safe_close(out_write);
 
         for (;;) {
                 struct pollfd pfd = { .fd = out_read, .events = POLLIN };
-                long long left = deadline - now_msec();
+                long long left = deadline - (long long) now_msec();
                 char discard[512];
                 ssize_t n;
 
@@ -397,7 +373,7 @@ static int run_git(const char *path, const char *const *args, long long deadline
                         return 0;
                 if (w < 0 && errno != EINTR)
                         return -errno;
-                if (now_msec() >= deadline) {
+                if ((long long) now_msec() >= deadline) {
                         kill_and_reap(pid);
                         return -ETIMEDOUT;
                 }
@@ -419,7 +395,7 @@ static int run_git(const char *path, const char *const *args, long long deadline
 static int git_describe(const char *path, unsigned timeout_msec, char **ret) {
         static const char *const describe[] = { "describe", "--always", "--tags", "--long", NULL };
         static const char *const status[] = { "status", "--porcelain", "--untracked-files=no", NULL };
-        long long deadline = now_msec() + timeout_msec;
+        long long deadline = (long long) now_msec() + timeout_msec;
         char output[MAX_VERSION_OUTPUT], changes[2];
         char *version;
         int r;
@@ -431,7 +407,7 @@ static int git_describe(const char *path, unsigned timeout_msec, char **ret) {
                 return r;
 
         output[strcspn(output, "\n")] = '\0';
-        version = strip(output);
+        version = strstrip(output);
         if (!*version)
                 return -ENODATA;
 
@@ -460,7 +436,7 @@ static int read_version_file(const char *path, char **ret) {
                 return -errno;
         if (getline(&line, &allocated, f) < 0)
                 return ferror(f) ? -EIO : -ENODATA;
-        s = strip(line);
+        s = strstrip(line);
         if (!*s)
                 return -ENODATA;
         *ret = strdup(s);

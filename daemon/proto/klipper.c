@@ -14,6 +14,7 @@
 
 #include "proto/klipper.h"
 #include "shared/log.h"
+#include "shared/time-util.h"
 
 /* Retransmit timeout of the identify client: first wait, and the cap it
  * doubles up to.  Klipper's own host uses an RTT estimate between 25 ms and
@@ -204,13 +205,6 @@ int klipper_decoder_feed(struct klipper_decoder *d, const uint8_t *data, size_t 
                 d->fill += n;
                 taken += n;
         }
-}
-
-static uint64_t now_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
 }
 
 /* Milliseconds until @until, rounded up so that a wait never ends early. */

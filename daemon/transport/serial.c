@@ -23,6 +23,7 @@
 #include "shared/log.h"
 #include "transport/holders.h"
 #include "transport/serial.h"
+#include "shared/time-util.h"
 
 struct serial_transport {
         struct transport transport;     /* first member: the ops cast back to us */
@@ -33,13 +34,6 @@ static int serial_set_custom_baud(int fd, unsigned baud);
 
 static struct serial_transport *serial_from_transport(struct transport *t) {
         return (struct serial_transport *) t;
-}
-
-static uint64_t now_msec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
 }
 
 /* A deadline for a timeout in ms; negative means wait forever. */
@@ -61,13 +55,12 @@ static bool errno_is_gone(int error) {
         return error == EIO || error == ENXIO || error == ENODEV || error == EPIPE;
 }
 
-static ssize_t serial_read(struct transport *t, void *buf, size_t len, int timeout_ms) {
-        struct serial_transport *s = serial_from_transport(t);
-        uint64_t deadline = deadline_after(timeout_ms);
-
+/* Wait until @fd is ready for @events (POLLIN or POLLOUT) or @deadline has
+ * passed, retrying after signals.  Returns the revents (> 0), -ETIMEDOUT,
+ * -EBADF for a closed fd, or -errno. */
+static int wait_ready(int fd, short events, uint64_t deadline) {
         for (;;) {
-                struct pollfd p = { .fd = s->fd, .events = POLLIN };
-                ssize_t n;
+                struct pollfd p = { .fd = fd, .events = events };
                 int r;
 
                 r = poll(&p, 1, poll_timeout(deadline));
@@ -80,6 +73,21 @@ static ssize_t serial_read(struct transport *t, void *buf, size_t len, int timeo
                         return -ETIMEDOUT;
                 if (p.revents & POLLNVAL)
                         return -EBADF;
+                return p.revents;
+        }
+}
+
+static ssize_t serial_read(struct transport *t, void *buf, size_t len, int timeout_ms) {
+        struct serial_transport *s = serial_from_transport(t);
+        uint64_t deadline = deadline_after(timeout_ms);
+
+        for (;;) {
+                ssize_t n;
+                int revents;
+
+                revents = wait_ready(s->fd, POLLIN, deadline);
+                if (revents < 0)
+                        return revents;
 
                 /* Read even on POLLHUP: bytes sent just before the hangup
                  * are still there. */
@@ -92,7 +100,7 @@ static ssize_t serial_read(struct transport *t, void *buf, size_t len, int timeo
                         return -ENODEV;
                 if (errno != EAGAIN && errno != EINTR)
                         return -errno;
-                if (p.revents & (POLLHUP | POLLERR))
+                if (revents & (POLLHUP | POLLERR))
                         return -ENODEV;
         }
 }
@@ -104,9 +112,8 @@ static int serial_write(struct transport *t, const void *buf, size_t len, int ti
         size_t done = 0;
 
         while (done < len) {
-                struct pollfd pfd = { .fd = s->fd, .events = POLLOUT };
                 ssize_t n;
-                int r;
+                int revents;
 
                 n = write(s->fd, p + done, len - done);
                 if (n > 0) {
@@ -122,17 +129,10 @@ static int serial_write(struct transport *t, const void *buf, size_t len, int ti
                                 return -errno;
                 }
 
-                r = poll(&pfd, 1, poll_timeout(deadline));
-                if (r < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (r == 0)
-                        return -ETIMEDOUT;
-                if (pfd.revents & POLLNVAL)
-                        return -EBADF;
-                if (pfd.revents & (POLLHUP | POLLERR))
+                revents = wait_ready(s->fd, POLLOUT, deadline);
+                if (revents < 0)
+                        return revents;
+                if (revents & (POLLHUP | POLLERR))
                         return -ENODEV;
         }
 

@@ -10,93 +10,15 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <fcntl.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "core/config.h"
 #include "shared/macro.h"
+#include "test-util.h"
 
 #define USEC_PER_SEC UINT64_C(1000000)
-
-struct fixture {
-        char dir[64];
-        int saved_stderr;
-        char capture_path[128];
-};
-
-static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
-        return remove(path);
-}
-
-static int setup(void **state) {
-        struct fixture *f = calloc(1, sizeof(*f));
-
-        assert_non_null(f);
-        strcpy(f->dir, "/tmp/test-config-XXXXXX");
-        assert_non_null(mkdtemp(f->dir));
-        f->saved_stderr = -1;
-        *state = f;
-        return 0;
-}
-
-static int teardown(void **state) {
-        struct fixture *f = *state;
-
-        nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-        free(f);
-        return 0;
-}
-
-static char *write_file(struct fixture *f, const char *name, const char *content) {
-        char *path;
-        FILE *file;
-
-        assert_true(asprintf(&path, "%s/%s", f->dir, name) > 0);
-        file = fopen(path, "we");
-        assert_non_null(file);
-        fputs(content, file);
-        assert_int_equal(fclose(file), 0);
-        return path;
-}
-
-/* Redirect stderr (where log.c writes) into a file until capture_end(). */
-static void capture_begin(struct fixture *f) {
-        int fd;
-
-        snprintf(f->capture_path, sizeof(f->capture_path), "%s/stderr.txt", f->dir);
-        fd = open(f->capture_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-        assert_true(fd >= 0);
-        fflush(stderr);
-        f->saved_stderr = dup(STDERR_FILENO);
-        assert_true(f->saved_stderr >= 0);
-        assert_true(dup2(fd, STDERR_FILENO) >= 0);
-        close(fd);
-}
-
-static char *capture_end(struct fixture *f) {
-        char *text = NULL;
-        size_t size = 0;
-        FILE *file;
-
-        fflush(stderr);
-        assert_true(dup2(f->saved_stderr, STDERR_FILENO) >= 0);
-        close(f->saved_stderr);
-        f->saved_stderr = -1;
-
-        file = fopen(f->capture_path, "re");
-        assert_non_null(file);
-        assert_true(getdelim(&text, &size, '\0', file) >= 0 || feof(file));
-        fclose(file);
-        if (!text)
-                text = strdup("");
-        /* Show what was logged in the test output too. */
-        fputs(text, stderr);
-        return text;
-}
 
 static void test_defaults(void **state) {
         _cleanup_(config_freep) struct config *c = NULL;
@@ -401,14 +323,14 @@ static void test_parse_sec(void **state) {
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
-                cmocka_unit_test_setup_teardown(test_all_keys, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_empty_values_reset, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_missing_file, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_bad_values, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_bad_value_keeps_previous_config, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_unknown_keys_warn, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_serial_devices, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_serial_devices_across_files, setup, teardown),
+                unit_test_in_tmpdir(test_all_keys),
+                unit_test_in_tmpdir(test_empty_values_reset),
+                unit_test_in_tmpdir(test_missing_file),
+                unit_test_in_tmpdir(test_bad_values),
+                unit_test_in_tmpdir(test_bad_value_keeps_previous_config),
+                unit_test_in_tmpdir(test_unknown_keys_warn),
+                unit_test_in_tmpdir(test_serial_devices),
+                unit_test_in_tmpdir(test_serial_devices_across_files),
                 cmocka_unit_test(test_parse_sec),
         };
 

@@ -10,7 +10,6 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,56 +17,9 @@
 
 #include "core/printercfg.h"
 #include "shared/macro.h"
+#include "test-util.h"
 
 #define BY_ID_OCTOPUS "/dev/serial/by-id/usb-Klipper_stm32f446xx_3A0035000851313433343333-if00"
-
-struct fixture {
-        char dir[64];
-};
-
-static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
-        return remove(path);
-}
-
-static int setup(void **state) {
-        struct fixture *f = calloc(1, sizeof(*f));
-
-        assert_non_null(f);
-        strcpy(f->dir, "/tmp/test-printercfg-XXXXXX");
-        assert_non_null(mkdtemp(f->dir));
-        *state = f;
-        return 0;
-}
-
-static int teardown(void **state) {
-        struct fixture *f = *state;
-
-        nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-        free(f);
-        return 0;
-}
-
-/* Write @content to @name below the fixture directory (creating one level
- * of sub-directory if @name has one); returns the full path. */
-static char *write_file(struct fixture *f, const char *name, const char *content) {
-        const char *slash = strchr(name, '/');
-        char *path;
-        FILE *file;
-
-        if (slash) {
-                char *dir;
-
-                assert_true(asprintf(&dir, "%s/%.*s", f->dir, (int) (slash - name), name) > 0);
-                (void) mkdir(dir, 0755);
-                free(dir);
-        }
-        assert_true(asprintf(&path, "%s/%s", f->dir, name) > 0);
-        file = fopen(path, "we");
-        assert_non_null(file);
-        fputs(content, file);
-        assert_int_equal(fclose(file), 0);
-        return path;
-}
 
 static struct printercfg *load(struct fixture *f, const char *content) {
         _cleanup_free_ char *path = write_file(f, "printer.cfg", content);
@@ -438,20 +390,20 @@ static void test_find_serial(void **state) {
 
 int main(void) {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test_setup_teardown(test_mcu_sections, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_missing_file, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_include_glob, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_include_nested, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_include_loop, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_include_same_file_twice, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_include_missing, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_continuation_lines, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_comments, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_save_config, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_save_config_corrupted, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_malformed_lines, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_section_merge, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_find_serial, setup, teardown),
+                unit_test_in_tmpdir(test_mcu_sections),
+                unit_test_in_tmpdir(test_missing_file),
+                unit_test_in_tmpdir(test_include_glob),
+                unit_test_in_tmpdir(test_include_nested),
+                unit_test_in_tmpdir(test_include_loop),
+                unit_test_in_tmpdir(test_include_same_file_twice),
+                unit_test_in_tmpdir(test_include_missing),
+                unit_test_in_tmpdir(test_continuation_lines),
+                unit_test_in_tmpdir(test_comments),
+                unit_test_in_tmpdir(test_save_config),
+                unit_test_in_tmpdir(test_save_config_corrupted),
+                unit_test_in_tmpdir(test_malformed_lines),
+                unit_test_in_tmpdir(test_section_merge),
+                unit_test_in_tmpdir(test_find_serial),
         };
 
         return cmocka_run_group_tests_name("printercfg", tests, NULL, NULL);

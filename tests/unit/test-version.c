@@ -10,7 +10,6 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,42 +19,12 @@
 
 #include "core/version.h"
 #include "shared/macro.h"
+#include "test-util.h"
 
-struct fixture {
-        char dir[64];
-};
+/* write_file_at() with permissions: the fake git must be executable. */
+static void write_file_mode(const char *dir, const char *name, const char *content, mode_t mode) {
+        _cleanup_free_ char *path = write_file_at(dir, name, content);
 
-static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
-        return remove(path);
-}
-
-static int setup(void **state) {
-        struct fixture *f = calloc(1, sizeof(*f));
-
-        assert_non_null(f);
-        strcpy(f->dir, "/tmp/test-version-XXXXXX");
-        assert_non_null(mkdtemp(f->dir));
-        *state = f;
-        return 0;
-}
-
-static int teardown(void **state) {
-        struct fixture *f = *state;
-
-        nftw(f->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-        free(f);
-        return 0;
-}
-
-static void write_file(const char *dir, const char *name, const char *content, mode_t mode) {
-        _cleanup_free_ char *path = NULL;
-        FILE *file;
-
-        assert_true(asprintf(&path, "%s/%s", dir, name) > 0);
-        file = fopen(path, "we");
-        assert_non_null(file);
-        fputs(content, file);
-        assert_int_equal(fclose(file), 0);
         assert_int_equal(chmod(path, mode), 0);
 }
 
@@ -256,13 +225,13 @@ static void test_read_host_version_file(void **state) {
 
         assert_true(asprintf(&klippy, "%s/klippy", f->dir) > 0);
         assert_int_equal(mkdir(klippy, 0755), 0);
-        write_file(klippy, ".version", "  v0.12.0-88-g0123456789  \nsecond line\n", 0644);
+        write_file_mode(klippy, ".version", "  v0.12.0-88-g0123456789  \nsecond line\n", 0644);
         assert_int_equal(version_read_host(f->dir, &v), 0);
         assert_string_equal(v, "v0.12.0-88-g0123456789");
         free(v);
         v = NULL;
 
-        write_file(klippy, ".version", "\n", 0644);
+        write_file_mode(klippy, ".version", "\n", 0644);
         assert_int_equal(version_read_host(f->dir, &v), 0);
         assert_string_equal(v, "?");
         free(v);
@@ -285,10 +254,10 @@ static void test_read_host_git(void **state) {
         }
 
         assert_int_equal(run("%s init -q %s", git, f->dir), 0);
-        write_file(f->dir, "README", "one\n", 0644);
+        write_file_mode(f->dir, "README", "one\n", 0644);
         assert_int_equal(run("%s -C %s add README && %s -C %s commit -q -m one", git, f->dir, git, f->dir), 0);
         assert_int_equal(run("%s -C %s tag v0.12.0", git, f->dir), 0);
-        write_file(f->dir, "README", "two\n", 0644);
+        write_file_mode(f->dir, "README", "two\n", 0644);
         assert_int_equal(run("%s -C %s commit -q -a -m two", git, f->dir), 0);
 
         /* klippy/.version must lose against git. */
@@ -310,14 +279,14 @@ static void test_read_host_git(void **state) {
         v = NULL;
 
         /* An untracked file does not make it dirty, as with describe --dirty. */
-        write_file(f->dir, "untracked", "x\n", 0644);
+        write_file_mode(f->dir, "untracked", "x\n", 0644);
         assert_int_equal(version_read_host(f->dir, &v), 0);
         assert_string_equal(v, expected);
         free(v);
         v = NULL;
 
         /* A modified tracked file does: the same text as describe --dirty. */
-        write_file(f->dir, "README", "three\n", 0644);
+        write_file_mode(f->dir, "README", "three\n", 0644);
         assert_int_equal(version_read_host(f->dir, &v), 0);
         free(expected);
         expected = run_output("%s -C %s describe --always --tags --long --dirty", git, f->dir);
@@ -342,7 +311,7 @@ static char *fake_git(struct fixture *f, const char *script) {
 
         assert_true(asprintf(&bin, "%s/bin", f->dir) > 0);
         (void) mkdir(bin, 0755);
-        write_file(bin, "git", script, 0755);
+        write_file_mode(bin, "git", script, 0755);
         assert_true(asprintf(&path, "%s:%s", bin, saved) > 0);
         assert_int_equal(setenv("PATH", path, 1), 0);
         return saved;
@@ -404,7 +373,7 @@ static void test_read_host_git_other_owner(void **state) {
 
         assert_int_equal(chmod(f->dir, 0755), 0);
         assert_int_equal(run("%s init -q %s", git, f->dir), 0);
-        write_file(f->dir, "README", "one\n", 0644);
+        write_file_mode(f->dir, "README", "one\n", 0644);
         assert_int_equal(run("%s -C %s add README && %s -C %s commit -q -m one && %s -C %s tag v1.0.0",
                              git, f->dir, git, f->dir, git, f->dir), 0);
         assert_int_equal(run("chown -R %u:%u %s", nobody, nobody, f->dir), 0);
@@ -428,11 +397,11 @@ int main(void) {
                 cmocka_unit_test(test_compare),
                 cmocka_unit_test(test_custom_build),
                 cmocka_unit_test(test_match_to_string),
-                cmocka_unit_test_setup_teardown(test_read_host_version_file, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_read_host_git, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_read_host_git_fails, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_read_host_git_hangs, setup, teardown),
-                cmocka_unit_test_setup_teardown(test_read_host_git_other_owner, setup, teardown),
+                unit_test_in_tmpdir(test_read_host_version_file),
+                unit_test_in_tmpdir(test_read_host_git),
+                unit_test_in_tmpdir(test_read_host_git_fails),
+                unit_test_in_tmpdir(test_read_host_git_hangs),
+                unit_test_in_tmpdir(test_read_host_git_other_owner),
         };
 
         return cmocka_run_group_tests_name("version", tests, NULL, NULL);

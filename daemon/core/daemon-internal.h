@@ -1,0 +1,32 @@
+/* What the parts of the daemon glue (daemon.c, tty.c, linuxmcu.c,
+ * identify.c) share with each other and nobody else. */
+#pragma once
+
+#include "core/daemon.h"
+#include "discover/udev.h"
+
+#define DEFAULT_UART_BAUD 250000
+
+/* Name and UART speed as printer.cfg says. */
+void daemon_apply_printercfg(struct daemon *d, struct mcu *m);
+
+/* Identify @m in a worker thread unless that already runs or it is offline. */
+void daemon_start_identify(struct daemon *d, struct mcu *m);
+
+/* Offline bookkeeping: forget @m after OfflineTimeoutSec, or not. */
+void daemon_arm_offline_timer(struct daemon *d, struct mcu *m);
+void daemon_cancel_offline_timer(struct mcu *m);
+
+/* @m's link is (back) in place: leave offline, take names from printer.cfg,
+ * announce it (@is_new: add it to the registry) and identify it. */
+void daemon_mcu_attached(struct daemon *d, struct mcu *m, bool is_new);
+
+/* @m's link went away: state offline with @reason, pending calls answered. */
+void daemon_mcu_gone(struct daemon *d, struct mcu *m, const char *reason);
+
+/* udev callbacks (tty.c). */
+void daemon_tty_added(void *userdata, const struct udev_tty_info *info);
+void daemon_tty_removed(void *userdata, const char *syspath);
+
+/* Linux process MCU paths (linuxmcu.c). */
+int daemon_linux_mcus_update(struct daemon *d);
