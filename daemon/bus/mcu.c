@@ -54,6 +54,10 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
                 return bus_error_setf(error, MCUFLASH_ERROR_DISCONNECTED,
                                       "MCU %s is offline: plug it in (or power it) and try again.",
                                       m->id);
+        if (r == -EBUSY)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "MCU %s is in use by Klipper; stop Klipper to identify it again "
+                                      "(its version is shown as Klipper reports it).", m->id);
         if (r < 0)
                 return r;
         pending = realloc(m->pending_refresh, (m->n_pending_refresh + 1) * sizeof(void *));

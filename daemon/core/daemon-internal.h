@@ -6,6 +6,7 @@
 #include "discover/udev.h"
 
 #define DEFAULT_UART_BAUD 250000
+#define DAEMON_HELD_REASON "in use by Klipper; what is shown is what Klipper reports"
 
 /* Name and UART speed as printer.cfg says. */
 void daemon_apply_printercfg(struct daemon *d, struct mcu *m);
@@ -30,3 +31,19 @@ void daemon_tty_removed(void *userdata, const char *syspath);
 
 /* Linux process MCU paths (linuxmcu.c). */
 int daemon_linux_mcus_update(struct daemon *d);
+
+/* CAN interfaces and nodes (can.c). */
+int daemon_can_start(struct daemon *d);
+void daemon_can_stop(struct daemon *d);
+/* Scan @ifname again (NULL: every interface that is up). */
+void daemon_can_rescan(struct daemon *d, const char *ifname);
+bool daemon_can_interface_up(struct daemon *d, const char *ifname);
+
+/* The running Klipper, through its API socket (host.c). */
+int daemon_host_start(struct daemon *d);
+void daemon_host_stop(struct daemon *d);
+/* Is @m's link Klipper's now (Klipper runs and @m is in its printer.cfg)? */
+bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m);
+
+/* HostVersion (daemon.c): "" or "?" mean unknown. */
+void daemon_set_host_version(struct daemon *d, const char *version);

@@ -34,7 +34,7 @@ static int host_version_run(void *userdata) {
         return version_read_host(req->path, &req->version);
 }
 
-static void daemon_set_host_version(struct daemon *d, const char *version) {
+void daemon_set_host_version(struct daemon *d, const char *version) {
         const char *v = (isempty(version) || streq(version, "?")) ? "" : version;
 
         if (free_and_strdup(&d->host_version, v) <= 0)
@@ -113,6 +113,8 @@ static void daemon_load_printercfg(struct daemon *d) {
 }
 
 static const struct printercfg_mcu *daemon_printercfg_entry(struct daemon *d, const struct mcu *m) {
+        if (m->transport_id == MCU_TRANSPORT_CAN)
+                return printercfg_find_canbus(d->printercfg, m->can_uuid);
         if (!d->printercfg || isempty(m->device_path))
                 return NULL;
         return printercfg_find_serial(d->printercfg, m->device_path, m->devlinks, m->usb_serial);
@@ -155,6 +157,7 @@ int daemon_rescan(struct daemon *d) {
         r = daemon_linux_mcus_update(d);
         if (r < 0)
                 return r;
+        daemon_can_rescan(d, NULL);
 
         /* Cold plug re-identifies what it (re)added; MCUs that stayed
          * attached and are still unconfirmed get another try. */
@@ -208,6 +211,8 @@ struct daemon *daemon_free(struct daemon *d) {
         d->workers = worker_pool_free(d->workers);
         d->udev = udev_discovery_free(d->udev);
         d->path_watch = path_watch_free(d->path_watch);
+        daemon_can_stop(d);
+        daemon_host_stop(d);
         bus_disconnect(d);
         d->registry = registry_free(d->registry);
         if (d->sigterm_event)
@@ -257,12 +262,19 @@ int daemon_run(struct daemon *d) {
                 return r;
 
         daemon_read_host_version(d);
+        /* Before any port is opened: is Klipper running and whose are they? */
+        r = daemon_host_start(d);
+        if (r < 0)
+                log_warning_errno(r, "Going on without klippy's API: %m");
         r = udev_discovery_enumerate(d->udev);
         if (r < 0)
                 return r;
         r = daemon_linux_mcus_update(d);
         if (r < 0)
                 return log_error_errno(r, "Cannot watch for Linux process MCUs: %m");
+        r = daemon_can_start(d);
+        if (r < 0)
+                log_warning_errno(r, "Going on without CAN: %m");
 
         /* The name last: a client that sees it finds the objects ready. */
         r = bus_request_name(d);

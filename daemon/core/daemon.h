@@ -15,10 +15,13 @@
 #include "core/printercfg.h"
 #include "core/registry.h"
 #include "core/worker.h"
+#include "discover/can.h"
 #include "discover/pathwatch.h"
 #include "discover/udev.h"
 
 struct bus_loop;
+struct can_iface;
+struct klippy_client;
 
 struct daemon {
         struct event_base *base;
@@ -33,6 +36,12 @@ struct daemon {
         struct worker_pool *workers;
         struct udev_discovery *udev;
         struct path_watch *path_watch;  /* Linux process MCU ptys */
+        struct can_watch *can_watch;
+        struct can_iface *can_ifaces;   /* core/can.c's list */
+        struct klippy_client *klippy;   /* NULL without ApiSocket= */
+        struct event *klippy_settle_timer;
+        bool klipper_running;           /* the klippy API is connected */
+        bool klippy_says_stopped;       /* the klippy API is configured and no Klipper runs */
 
         sd_bus *bus;
         struct bus_loop *bus_loop;

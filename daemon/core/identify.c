@@ -40,31 +40,37 @@ struct identify_request *identify_request_free(struct identify_request *req) {
         return NULL;
 }
 
-int identify_run(void *userdata) {
-        struct identify_request *req = userdata;
-        _cleanup_(transport_freep) struct transport *t = NULL;
+int identify_over(struct transport *t, int timeout_ms, struct klipper_dict **ret) {
         _cleanup_free_ uint8_t *data = NULL;
         struct klipper_identify_params params = {
-                .timeout_ms = req->timeout_ms,
+                .timeout_ms = timeout_ms,
                 .max_size = DICTIONARY_MAX_SIZE,
         };
         size_t len = 0;
         int r;
 
-        r = serial_transport_open(req->device_path, req->baud, &t);
-        if (r < 0)
-                return r;
         r = klipper_identify(t, &params, &data, &len);
         if (r < 0)
                 return r;
-        r = klipper_dict_parse_compressed(data, len, DICTIONARY_MAX_SIZE, &req->dict);
+        r = klipper_dict_parse_compressed(data, len, DICTIONARY_MAX_SIZE, ret);
         if (r < 0)
                 return r == -ENOMEM ? r : -EPROTO;
         return 0;
 }
 
+int identify_run(void *userdata) {
+        struct identify_request *req = userdata;
+        _cleanup_(transport_freep) struct transport *t = NULL;
+        int r;
+
+        r = serial_transport_open(req->device_path, req->baud, &t);
+        if (r < 0)
+                return r;
+        return identify_over(t, req->timeout_ms, &req->dict);
+}
+
 /* A sentence a person can act on, for StateReason and the log. */
-static void identify_describe_failure(int result, const struct identify_request *req,
+static void identify_describe_failure(int result, int timeout_ms, const char *where,
                                       char *buf, size_t size) {
         switch (result) {
         case -EBUSY:
@@ -72,7 +78,7 @@ static void identify_describe_failure(int result, const struct identify_request 
                 break;
         case -ETIMEDOUT:
                 snprintf(buf, size, "no complete answer to identify within %.1f s",
-                         req->timeout_ms / 1000.0);
+                         timeout_ms / 1000.0);
                 break;
         case -EBADMSG:
                 snprintf(buf, size, "answers with data that is not Klipper's protocol");
@@ -88,7 +94,7 @@ static void identify_describe_failure(int result, const struct identify_request 
                 break;
         case -EACCES:
         case -EPERM:
-                snprintf(buf, size, "cannot open %s: permission denied", req->device_path);
+                snprintf(buf, size, "cannot open %s: permission denied", where);
                 break;
         default:
                 snprintf(buf, size, "cannot identify: %s", strerror(-result));
@@ -96,36 +102,39 @@ static void identify_describe_failure(int result, const struct identify_request 
         }
 }
 
-void identify_apply(struct mcu *m, const struct identify_request *req, int result,
-                    const char *host_version) {
+void identify_apply_result(struct mcu *m, const struct klipper_dict *dict, int result,
+                           int timeout_ms, const char *where, const char *host_version) {
         char reason[256];
 
         if (result >= 0) {
-                const struct klipper_dict *d = req->dict;
-
                 mcu_set_state(m, MCU_STATE_APPLICATION);
                 (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "");
-                (void) mcu_set_string(m, MCU_PROP_FIRMWARE, d->app ?: "Klipper");
-                (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, d->version);
-                (void) mcu_set_string(m, MCU_PROP_BUILD_VERSIONS, d->build_versions);
-                if (d->mcu)
-                        (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, d->mcu);
+                (void) mcu_set_string(m, MCU_PROP_FIRMWARE, dict->app ?: "Klipper");
+                (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, dict->version);
+                (void) mcu_set_string(m, MCU_PROP_BUILD_VERSIONS, dict->build_versions);
+                if (dict->mcu)
+                        (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, dict->mcu);
                 mcu_update_version_match(m, host_version);
                 log_info("%s: %s %s on %s (%s)", m->id, m->firmware, m->firmware_version,
-                         m->mcu_type, req->device_path);
+                         m->mcu_type, where);
                 return;
         }
 
-        identify_describe_failure(result, req, reason, sizeof(reason));
+        identify_describe_failure(result, timeout_ms, where, reason, sizeof(reason));
         /* What was learnt before (version, type) stays visible; only the
          * state says that it is not confirmed now. */
         mcu_set_state(m, MCU_STATE_UNKNOWN);
         (void) mcu_set_string(m, MCU_PROP_STATE_REASON, reason);
         mcu_update_version_match(m, host_version);
         if (result == -EBUSY)
-                log_info("%s: %s: %s", m->id, req->device_path, reason);
+                log_info("%s: %s: %s", m->id, where, reason);
         else
-                log_warning("%s: %s: %s", m->id, req->device_path, reason);
+                log_warning("%s: %s: %s", m->id, where, reason);
+}
+
+void identify_apply(struct mcu *m, const struct identify_request *req, int result,
+                    const char *host_version) {
+        identify_apply_result(m, req->dict, result, req->timeout_ms, req->device_path, host_version);
 }
 
 /* ---- scheduling, on the main loop ------------------------------------- */
@@ -165,6 +174,17 @@ void daemon_start_identify(struct daemon *d, struct mcu *m) {
         int timeout_ms = (int) MIN(d->config->identify_timeout_usec / 1000, 600000);
         int r;
 
+        if (daemon_mcu_held_by_klipper(d, m)) {
+                /* Klipper's link: not opened.  host.c shows what Klipper says. */
+                (void) mcu_set_string(m, MCU_PROP_STATE_REASON, DAEMON_HELD_REASON);
+                registry_commit(d->registry, m);
+                return;
+        }
+        if (m->transport_id == MCU_TRANSPORT_CAN) {
+                /* A CAN node is asked again by scanning its interface. */
+                daemon_can_rescan(d, m->can_interface);
+                return;
+        }
         if (m->identifying || m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
                 return;
         job = calloc(1, sizeof(*job));
@@ -188,6 +208,14 @@ void daemon_start_identify(struct daemon *d, struct mcu *m) {
 }
 
 int daemon_refresh_mcu(struct daemon *d, struct mcu *m) {
+        if (daemon_mcu_held_by_klipper(d, m))
+                return -EBUSY;
+        if (m->transport_id == MCU_TRANSPORT_CAN) {
+                if (!daemon_can_interface_up(d, m->can_interface))
+                        return -ENODEV;
+                daemon_can_rescan(d, m->can_interface);
+                return 0;
+        }
         if (m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
                 return -ENODEV;
         daemon_start_identify(d, m);

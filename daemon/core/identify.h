@@ -9,6 +9,7 @@
 
 #include "core/mcu.h"
 #include "image/dictionary.h"
+#include "transport/transport.h"
 
 struct identify_request {
         char *mcu_id;
@@ -23,6 +24,11 @@ int identify_request_new(const struct mcu *m, int timeout_ms, struct identify_re
 struct identify_request *identify_request_free(struct identify_request *req);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct identify_request *, identify_request_free);
 
+/* Identify whatever speaks Klipper's protocol on @t (blocking): 0 with the
+ * parsed dictionary in *ret, or -errno as klipper_identify() returns it
+ * (-EPROTO for a dictionary that cannot be read). */
+int identify_over(struct transport *t, int timeout_ms, struct klipper_dict **ret);
+
 /* Worker-thread body: returns 0 (req->dict set) or -errno. */
 int identify_run(void *userdata);
 
@@ -30,3 +36,8 @@ int identify_run(void *userdata);
  * and recompute VersionMatchesHost against @host_version. */
 void identify_apply(struct mcu *m, const struct identify_request *req, int result,
                     const char *host_version);
+
+/* The same for an identify that ran elsewhere (e.g. over CAN): @dict when
+ * @result >= 0; @where names the link in messages. */
+void identify_apply_result(struct mcu *m, const struct klipper_dict *dict, int result,
+                           int timeout_ms, const char *where, const char *host_version);

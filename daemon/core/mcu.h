@@ -89,6 +89,7 @@ struct mcu {
         char *syspath;                  /* udev syspath while attached */
         char *devlinks;                 /* udev DEVLINKS, space separated */
         unsigned baud;                  /* UART speed, 0 = leave as is */
+        unsigned can_nodeid;            /* node id the daemon gave it, 0 = none */
         bool identifying;
         uint64_t identify_generation;   /* bumped when a running identify becomes stale */
         uint64_t changed;               /* bitmask of enum mcu_prop */

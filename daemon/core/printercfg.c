@@ -822,3 +822,12 @@ const struct printercfg_mcu *printercfg_find_serial(const struct printercfg *p,
         }
         return NULL;
 }
+
+const struct printercfg_mcu *printercfg_find_canbus(const struct printercfg *p, const char *uuid) {
+        if (!p || isempty(uuid))
+                return NULL;
+        for (size_t i = 0; i < p->n_mcus; i++)
+                if (p->mcus[i].canbus_uuid && strcasecmp(p->mcus[i].canbus_uuid, uuid) == 0)
+                        return &p->mcus[i];
+        return NULL;
+}

@@ -42,3 +42,7 @@ const struct printercfg_mcu *printercfg_find_serial(const struct printercfg *p,
                                                     const char *devnode,
                                                     const char *devlinks,
                                                     const char *usb_serial);
+
+/* Find the [mcu …] section whose canbus_uuid: is @uuid (12 hex digits,
+ * compared case-insensitively).  Returns the section or NULL. */
+const struct printercfg_mcu *printercfg_find_canbus(const struct printercfg *p, const char *uuid);
