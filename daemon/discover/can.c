@@ -64,6 +64,8 @@ int can_watch_parse_hub_message(char *buf, struct can_iface_info *info) {
         char *save = NULL, *word, *name, *what, *rate;
 
         word = strtok_r(buf, " \n", &save);
+        if (word && streq(word, "SYNC"))
+                return 0;       /* end of the first snapshot: nothing to do */
         if (!word || !streq(word, "IFACE"))
                 return -EBADMSG;
         name = strtok_r(NULL, " \n", &save);
@@ -106,7 +108,7 @@ static void on_hub_message(evutil_socket_t fd, short what, void *userdata) {
                         can_watch_report(w, &info);
                 else if (r == 2)
                         can_watch_report_gone(w, info.name);
-                else
+                else if (r < 0)
                         log_warning("CAN test hub sent something unexpected; ignored.");
         }
 }

@@ -38,7 +38,8 @@ struct can_watch *can_watch_free(struct can_watch *w);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct can_watch *, can_watch_free);
 
 /* Parse one message of the test hub's WATCH protocol ("IFACE can0 up
- * 1000000", "IFACE can0 down", "IFACE can0 gone").  Returns 1 for changed
- * (fills @info; info->name points into @buf, which is modified), 2 for gone,
- * -EBADMSG otherwise.  Exposed for unit tests. */
+ * 1000000", "IFACE can0 down", "IFACE can0 gone", "SYNC").  Returns 1 for
+ * changed (fills @info; info->name points into @buf, which is modified), 2
+ * for gone, 0 for SYNC (end of the first snapshot), -EBADMSG otherwise.
+ * Exposed for unit tests. */
 int can_watch_parse_hub_message(char *buf, struct can_iface_info *info);

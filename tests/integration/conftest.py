@@ -14,6 +14,13 @@ Fixtures (all function-scoped, each test gets fresh ones in its tmp_path):
                     wait=True) -> harness.Daemon; waits for io.mcuflash1; stopped
                     with SIGTERM at teardown, exit status must be 0
   ctl               ctl(*args, timeout=60, env=None) -> CompletedProcess of mcuflashctl
+  can_hub           canhub.CanHub (no interfaces yet) at a socket in tmp_path; pass it
+                    to daemon(can_hub=...) to run the daemon under the CAN shim;
+                    .nodes(KlipperCanNode/KatapultCanNode kwargs) helpers below
+  can_node          can_node(kind="klipper"|"katapult", iface="can0", uuid=..., **kw)
+                    -> a started simulator on can_hub, stopped at teardown
+  klippy            klippy(**FakeKlippy kwargs) -> a fake klippy API server at the
+                    ApiSocket= path the daemon is configured with
   dbus_client       harness.BusClient on the private bus
   mcu_props, manager_props, wait_for   shortcuts to dbus_client's methods
 
@@ -26,10 +33,17 @@ here starts anything a test did not ask for: a test that only uses
 """
 
 import os
+import sys
 
 import pytest
 
 import harness
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sim"))
+
+import can_node as can_node_sim  # noqa: E402
+import canhub  # noqa: E402
+import klippy_api  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -111,11 +125,19 @@ def daemon(request, tmp_path, bus, testbed, klipper_host):
     request.node._mcuflashd_daemons = started
 
     def start(config_text=None, identify_timeout=2, offline_timeout=600, serial_devices=None,
-              extra_config="", args=("-v",), env=None, wait=True):
+              extra_config="", args=("-v",), env=None, wait=True, can_hub=None):
         if config_text is None:
             config_text = harness.daemon_config(klipper_host, identify_timeout=identify_timeout,
                                                 offline_timeout=offline_timeout,
                                                 serial_devices=serial_devices, extra=extra_config)
+        if can_hub is not None:
+            env = dict(env or {})
+            env.update({
+                # The shim first, then umockdev's preload (testing.md §5).
+                "LD_PRELOAD": "%s:%s" % (canshim_path(), harness.umockdev_preload()),
+                "CANSHIM_HUB": can_hub.path,
+                "MCUFLASHD_CAN_TEST_HUB": can_hub.path,
+            })
         d = harness.Daemon(str(tmp_path), bus, testbed, config_text, args=args, env=env,
                            wait=wait, name="mcuflashd-%d" % len(started))
         started.append(d)
@@ -138,3 +160,47 @@ def ctl(bus):
     def run(*args, timeout=60, env=None, input=None):
         return harness.run_ctl(bus, *args, timeout=timeout, env=env, input=input)
     return run
+
+
+def canshim_path():
+    path = os.path.join(harness.build_dir(), "tests", "shim", "libcanshim.so")
+    if not os.path.exists(path):
+        pytest.fail("%s is not built (meson compile)" % path)
+    return path
+
+
+@pytest.fixture
+def can_hub(tmp_path):
+    hub = canhub.CanHub(str(tmp_path / "canhub.sock"))
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def can_node(can_hub):
+    nodes = []
+
+    def start(kind="klipper", iface="can0", **kwargs):
+        cls = can_node_sim.KlipperCanNode if kind == "klipper" else can_node_sim.KatapultCanNode
+        node = cls(can_hub.path, iface, **kwargs)
+        node.start()
+        nodes.append(node)
+        return node
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def klippy(klipper_host):
+    servers = []
+
+    def start(**kwargs):
+        os.makedirs(os.path.dirname(klipper_host.api_socket), exist_ok=True)
+        server = klippy_api.FakeKlippy(klipper_host.api_socket, **kwargs)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.close()

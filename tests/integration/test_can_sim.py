@@ -87,7 +87,8 @@ def client_binary(scratch):
     with open(source, "w") as f:
         f.write(CLIENT_SOURCE)
     out = os.path.join(scratch, "canclient")
-    r = subprocess.run(["gcc", *WARNING_FLAGS, "-o", out, source], capture_output=True, text=True)
+    r = subprocess.run(["gcc", *WARNING_FLAGS, "-pthread", "-o", out, source], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -153,8 +154,12 @@ class Shimmed:
     def env(self):
         # The shim must come first in LD_PRELOAD (testing.md §5).
         preload = [self.shim] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+        # A shim from a sanitizer build is preloaded into programs that are
+        # not sanitized (testing.md §5 pitfalls).
+        asan = ":".join(filter(None, [os.environ.get("ASAN_OPTIONS"),
+                                      "verify_asan_link_order=0:detect_leaks=0"]))
         return dict(os.environ, LD_PRELOAD=":".join(preload), CANSHIM_HUB=self.hub.path,
-                    CANSHIM_IFACES="can0,can1")
+                    CANSHIM_IFACES="can0,can1", ASAN_OPTIONS=asan)
 
     def start(self, *ops, argv=None):
         p = subprocess.Popen(argv or [self.client, *ops], env=self.env(), stdout=subprocess.PIPE,
@@ -288,10 +293,10 @@ FILTER_FRAMES = [0x100, 0x123, 0x1FF, 0x200, 0x123 | canhub.CAN_EFF_FLAG]
 def test_filter_semantics(hub, shimmed, filters, join, expected):
     ops = ["bind:can0", "filter:" + filters] + (["join"] if join else []) + ["listen:300"]
     p = shimmed.start(*ops)
-    want = [] if not filters else [tuple(int(v, 16) for v in f.replace("~", ":").split(":"))
-                                   for f in filters.split(",")]
-    want = [((fid | canhub.CAN_INV_FILTER) if "~" in f else fid, mask)
-            for (fid, mask), f in zip(want, filters.split(","))] if filters else []
+    want = []                   # what the hub must have been told (FLT)
+    for spec in filter(None, filters.split(",")):
+        fid, mask = (int(v, 16) for v in spec.replace("~", ":").split(":"))
+        want.append((fid | (canhub.CAN_INV_FILTER if "~" in spec else 0), mask))
     assert hub.wait_for(lambda h: any(c["filters"] == want for c in h.clients("host")), 5), \
         hub.clients()
     for can_id in FILTER_FRAMES:
@@ -374,6 +379,25 @@ def test_bound_to_all_and_sendto(hub, nodes, shimmed):
     assert node1.admin == [("query_unassigned", b"\x00")]
     assert node0.admin == []
     assert [f.can_id for f in hub.frames_on("can0") if "canclient" in f.sender] == []
+
+
+def test_threads_and_bursts_through_shim(hub, shimmed):
+    # 4 threads open, bind, write 150 frames each without pause and close:
+    # the shim's socket table is shared, and the bursts overflow the hub's
+    # datagram queue (net.unix.max_dgram_qlen), which the shim waits out.
+    receiver = canhub.CanHubClient(hub.path, "can0", kind="BUS", name="counter")
+    try:
+        rc, lines = shimmed.run("flood:4:150")
+        assert rc == 0 and "FLOOD sent=600" in lines, lines
+        assert hub.wait_for(lambda h: len(h.frames_on("can0", can_id=0x555)) == 600, 5)
+        per_sender = {}
+        for frame in hub.frames_on("can0", can_id=0x555):
+            per_sender.setdefault(frame.sender, []).append(frame.data[0] | frame.data[1] << 8)
+        assert len(per_sender) == 4, [(k, len(v)) for k, v in per_sender.items()]
+        assert all(seqs == list(range(150)) for seqs in per_sender.values())
+        assert hub.wait_for(lambda h: h.registered("can0") == 0, 2)    # all closed: BYE
+    finally:
+        receiver.close()
 
 
 # ---------------------------------------------------------------------------
@@ -638,6 +662,7 @@ CLIENT_SOURCE = r'''/* A SocketCAN test program for tests/integration/test_can_s
 #include <linux/can/raw.h>
 #include <net/if.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -878,6 +903,25 @@ static void info(const char *ifname) {
         fflush(stdout);
 }
 
+/* One thread of "flood": its own nonblocking socket on can0, @count frames
+ * as fast as it can (more than the hub's queue holds), then close. */
+static void *flood_thread(void *arg) {
+        int count = *(int *) arg, sent = 0;
+        int s = socket(AF_CAN, SOCK_RAW | SOCK_NONBLOCK | SOCK_CLOEXEC, CAN_RAW);
+        struct sockaddr_can addr = { .can_family = AF_CAN, .can_ifindex = (int) if_nametoindex("can0") };
+        if (s < 0 || bind(s, (struct sockaddr *) &addr, sizeof(addr)) < 0)
+                return NULL;
+        for (int i = 0; i < count; i++) {
+                struct can_frame frame = { .can_id = 0x555, .len = 2 };
+                frame.data[0] = (unsigned char) i;
+                frame.data[1] = (unsigned char) (i >> 8);
+                if (write(s, &frame, sizeof(frame)) == CAN_MTU)
+                        sent++;
+        }
+        close(s);
+        return (void *) (intptr_t) sent;
+}
+
 int main(int argc, char **argv) {
         int type = SOCK_RAW | SOCK_CLOEXEC;
         int first = 1;
@@ -963,6 +1007,18 @@ int main(int argc, char **argv) {
                         int r = stream(nodeid, bytes, (size_t) len, atoi(arg + 1), op[0] == 'i');
                         if (r)
                                 return r;
+                } else if (strcmp(op, "flood") == 0) {
+                        int threads = atoi(arg), count = atoi(strchr(arg, ':') + 1), sent = 0;
+                        pthread_t tids[16];
+                        for (int t = 0; t < threads && t < 16; t++)
+                                pthread_create(&tids[t], NULL, flood_thread, &count);
+                        for (int t = 0; t < threads && t < 16; t++) {
+                                void *result;
+                                pthread_join(tids[t], &result);
+                                sent += (int) (intptr_t) result;
+                        }
+                        printf("FLOOD sent=%d\n", sent);
+                        fflush(stdout);
                 } else if (strcmp(op, "info") == 0) {
                         info(arg);
                 } else if (strcmp(op, "sleep") == 0) {

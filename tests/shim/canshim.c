@@ -182,7 +182,9 @@ static struct {
         dev_t watch_dev;
         ino_t watch_ino;
 } shim = {
-        .lock = PTHREAD_MUTEX_INITIALIZER,
+        /* Recursive: nothing we call while holding it may deadlock by
+         * landing in one of our own wrappers (stdio, sanitizer hooks). */
+        .lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP,
         .watch_fd = -1,
 };
 
@@ -205,7 +207,17 @@ static void debug(const char *format, ...) {
 #define RESOLVE(field, symbol) \
         (real.field = (__typeof__(real.field)) dlsym(RTLD_NEXT, symbol))
 
+/* Keep the lock consistent across fork(): the child continues with it free. */
+static void before_fork(void) {
+        pthread_mutex_lock(&shim.lock);
+}
+
+static void after_fork(void) {
+        pthread_mutex_unlock(&shim.lock);
+}
+
 static void init(void) {
+        pthread_atfork(before_fork, after_fork, after_fork);
         RESOLVE(socket, "socket");
         RESOLVE(bind, "bind");
         RESOLVE(close, "close");
@@ -1095,13 +1107,16 @@ int getsockopt(int fd, int level, int name, void *value, socklen_t *len) {
                         *len = size;
                         errno = ERANGE;
                         r = -1;
+                } else if (size && !value) {
+                        errno = EFAULT;
+                        r = -1;
                 } else {
                         if (size)
                                 memcpy(value, s->filters, size);
                         *len = size;
                 }
         } else if (name == CAN_RAW_ERR_FILTER) {
-                if (*len < sizeof(can_err_mask_t)) {
+                if (*len < sizeof(can_err_mask_t) || !value) {
                         errno = EINVAL;
                         r = -1;
                 } else {

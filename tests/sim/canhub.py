@@ -220,6 +220,7 @@ class CanHub:
         self.frames = []                        # every Frame, dropped ones included
         self._ifaces = collections.OrderedDict()  # name -> {"up": bool, "bitrate": int}
         self._clients = {}                      # address -> _Client
+        self._names = {}                        # address -> name, kept after a client left
         self._sock = None
         self._thread = None
         self._stopping = False
@@ -403,8 +404,11 @@ class CanHub:
 
     def _handle(self, datagram, addr):
         if len(datagram) in (CLASSIC_DATAGRAM, FD_DATAGRAM):
+            # A client that closed may still have frames queued here.
             sender = self._clients.get(addr) if addr else None
-            self._forward(datagram, addr or None, sender.name() if sender else "unnamed")
+            name = sender.name() if sender else self._names.get(addr, "unnamed") if addr else \
+                "unnamed"
+            self._forward(datagram, addr or None, name)
             return
         if not addr:
             self._debug("control datagram from an unbound socket ignored: %r", datagram[:40])
@@ -437,6 +441,7 @@ class CanHub:
                 self._debug("bad filter message %r", text)
         elif text.startswith("NAME "):
             self._client(addr).label = text[5:]
+            self._names[addr] = text[5:]
         else:
             self._debug("unknown control datagram %r", text[:60])
 
