@@ -757,10 +757,10 @@ class Environment:
         self.testbed = Testbed()
         return self.testbed
 
-    def start_daemon(self, config_text=None, **config_args):
+    def start_daemon(self, config_text=None, env=None, **config_args):
         if config_text is None:
             config_text = daemon_config(self.host, **config_args)
-        self.daemon = Daemon(self.workdir, self.bus.address, self.testbed, config_text)
+        self.daemon = Daemon(self.workdir, self.bus.address, self.testbed, config_text, env=env)
         self.client = BusClient(self.bus.address)
         return self.daemon
 

@@ -5,39 +5,14 @@ when klipper_mcu exits, and left alone while klippy has it open."""
 import os
 import subprocess
 import sys
-import termios
-import tty
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sim"))
 
-from klipper_mcu import KlipperMcu  # noqa: E402
+from linux_mcu import LinuxMcuProcess  # noqa: E402
 
 HOST = "v0.13.0-46-g8c72b4a5"
-
-
-class LinuxMcuProcess:
-    """What klipper_mcu does: a pty whose both ends it keeps open, and a
-    symlink to the slave at @link."""
-
-    def __init__(self, link, version=HOST):
-        self.link = link
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master, termios.TCSANOW)
-        os.symlink(os.ttyname(self.slave), link)
-        self.sim = KlipperMcu(self.master, version=version, mcu="linux", link="serial")
-        self.sim.start()
-
-    def stop(self):
-        self.sim.stop()
-        if os.path.lexists(self.link):
-            os.unlink(self.link)
-        for fd in (self.slave, self.master):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 @pytest.fixture

@@ -12,10 +12,14 @@ stopped on the way out, also on Ctrl-C, SIGTERM or an error.
   demo_env.py [-v] [--keep] [-- CMD ARGS...]
 
 It re-executes itself under umockdev-wrapper when the preload is missing.
-The CAN MCU (EBBCan) and the Linux process MCU (rpi) of the demo printer
-come with the issues that add those transports; the flash step of the demo
-comes with flashing.  The build dir is $MCUFLASHD_BUILDDIR (default
-<repo>/build); this script does not build anything.
+The CAN toolboard (EBBCan) is a CAN node simulator on the test CAN hub
+(tests/sim/canhub.py) and the daemon runs under the CAN shim, since this
+kernel has no CAN; the Linux process MCU (rpi) is a pty with a Klipper
+simulator behind a klipper_host_mcu symlink in the demo's temporary
+directory (not /tmp/klipper_host_mcu, so that a real one is never touched).
+The flash step of the demo comes with flashing.  The build dir is
+$MCUFLASHD_BUILDDIR (default <repo>/build); this script does not build
+anything.
 """
 
 import argparse
@@ -48,14 +52,23 @@ ensure_preload()
 import harness  # noqa: E402
 from gi.repository import UMockdev  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "sim"))
+import can_node  # noqa: E402
+import canhub  # noqa: E402
+from linux_mcu import LinuxMcuProcess  # noqa: E402
+
 MAIN = dict(name="mcu", mcu="stm32f429xx", serial="2E0036000851363131363530", port="1-1.2",
             version=harness.HOST_VERSION)
 EDDY = dict(name="mcu eddy", mcu="rp2040", serial="E66138935F4A2B2C", port="1-1.3",
             version=harness.OLD_VERSION)
+EBBCAN = dict(name="mcu EBBCan", mcu="stm32g0b1xx", uuid="0e0d81e4210c", iface="can0",
+              bitrate=1000000, version=harness.HOST_VERSION)
+RPI = dict(name="mcu rpi", version=harness.HOST_VERSION)
 
 PRINTER_CFG = """\
 # printer.cfg of the simulated demo printer (mcuflashd design.md §5):
-# BTT Octopus Pro (stm32f429xx) as the main MCU, a BTT Eddy probe (rp2040).
+# BTT Octopus Pro (stm32f429xx) as the main MCU, a BTT Eddy probe (rp2040),
+# an EBB36 CAN toolboard and the Linux process MCU.
 
 [mcu]
 serial: /dev/serial/by-id/usb-Klipper_{main[mcu]}_{main[serial]}-if00
@@ -63,14 +76,14 @@ serial: /dev/serial/by-id/usb-Klipper_{main[mcu]}_{main[serial]}-if00
 [mcu eddy]
 serial: /dev/serial/by-id/usb-Klipper_{eddy[mcu]}_{eddy[serial]}-if00
 
-# [mcu EBBCan] (EBB36, stm32g0b1xx on can0 with Katapult) joins the demo with
-# the CAN transport:
-#[mcu EBBCan]
-#canbus_uuid: 0e0d81e4210c
+# BTT EBB36 toolboard (stm32g0b1xx) on can0 at 1 Mbit/s, with Katapult.
+[mcu EBBCan]
+canbus_uuid: {ebb[uuid]}
+canbus_interface: {ebb[iface]}
 
-# [mcu rpi] (the Linux process MCU) joins the demo with the Linux MCU transport:
-#[mcu rpi]
-#serial: /tmp/klipper_host_mcu
+# The host itself, as Klipper's Linux process MCU.
+[mcu rpi]
+serial: {rpi_link}
 
 [printer]
 kinematics: corexy
@@ -148,27 +161,41 @@ def main():
 
     signal.signal(signal.SIGTERM, on_sigterm)
     env = harness.Environment(keep=args.keep)
+    hub = ebb = rpi = None
     status = 1
     try:
         env.start_bus()
         testbed = env.start_testbed()
         if not UMockdev.in_mock_environment():
             raise harness.HarnessError("not inside the umockdev testbed")
+        rpi_link = os.path.join(env.workdir, "klipper_host_mcu")
         env.host.set_version(harness.HOST_VERSION)
-        env.host.write_printer_cfg(PRINTER_CFG.format(main=MAIN, eddy=EDDY))
-        boards = []
+        env.host.write_printer_cfg(PRINTER_CFG.format(main=MAIN, eddy=EDDY, ebb=EBBCAN,
+                                                      rpi_link=rpi_link))
         for b in (MAIN, EDDY):
-            boards.append(testbed.add_klipper_usb(serial=b["serial"], mcu=b["mcu"],
-                                                  version=b["version"], port=b["port"]))
-        env.start_daemon()
+            testbed.add_klipper_usb(serial=b["serial"], mcu=b["mcu"], version=b["version"],
+                                    port=b["port"])
+        hub = canhub.CanHub(os.path.join(env.workdir, "canhub.sock"))
+        hub.start()
+        hub.add_iface(EBBCAN["iface"], bitrate=EBBCAN["bitrate"])
+        ebb = can_node.KlipperCanNode(hub.path, EBBCAN["iface"], EBBCAN["uuid"],
+                                      version=EBBCAN["version"], mcu=EBBCAN["mcu"])
+        ebb.start()
+        rpi = LinuxMcuProcess(rpi_link, RPI["version"])
+        shim = os.path.join(harness.build_dir(), "tests", "shim", "libcanshim.so")
+        env.start_daemon(env={
+            "LD_PRELOAD": "%s:%s" % (shim, harness.umockdev_preload()),
+            "CANSHIM_HUB": hub.path,
+            "MCUFLASHD_CAN_TEST_HUB": hub.path,
+        })
 
         def all_identified():
-            found = [env.client.find_mcu(UsbSerial=b["serial"]) for b in (MAIN, EDDY)]
+            found = [env.client.find_mcu(Name=b["name"]) for b in (MAIN, EDDY, EBBCAN, RPI)]
             return all(p is not None and p.get("State") == "application" for p in found)
 
         try:
             env.client.wait_for(all_identified, timeout=args.timeout,
-                                what="both demo MCUs in state application")
+                                what="every demo MCU in state application")
         except TimeoutError as e:
             print("demo_env.py: %s\n--- mcuflashd output ---\n%s" % (e, env.daemon.log()),
                   file=sys.stderr)
@@ -186,6 +213,9 @@ def main():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         daemon = env.daemon
         daemon_status = env.close()
+        for sim in (rpi, ebb, hub):
+            if sim is not None:
+                sim.stop()
         if daemon is not None and args.verbose:
             print("--- mcuflashd output ---\n%s" % daemon.log(), file=sys.stderr)
         if daemon_status not in (None, 0):
