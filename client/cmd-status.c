@@ -19,7 +19,8 @@ static const char status_usage[] =
         "\n"
         "Show the host's Klipper version, the printer's state and every MCU that\n"
         "mcuflashd knows: name in printer.cfg, state, firmware and version, whether\n"
-        "the version matches the host, chip, transport, device and id.\n"
+        "the version matches the host, chip, transport, device (CAN interface for a\n"
+        "CAN MCU), CAN UUID and id.\n"
         "\n"
         "Options:\n"
         "      --json           Print one JSON object instead of the table\n"
@@ -34,6 +35,7 @@ enum {
         COLUMN_MCU_TYPE,
         COLUMN_TRANSPORT,
         COLUMN_DEVICE,
+        COLUMN_UUID,
         COLUMN_ID,
         _COLUMN_MAX,
 };
@@ -47,6 +49,7 @@ static const char *const column_titles[_COLUMN_MAX] = {
         [COLUMN_MCU_TYPE] = "MCU TYPE",
         [COLUMN_TRANSPORT] = "TRANSPORT",
         [COLUMN_DEVICE] = "DEVICE",
+        [COLUMN_UUID] = "UUID",
         [COLUMN_ID] = "ID",
 };
 
@@ -182,17 +185,12 @@ static const char *match_color(const char *match) {
         return NULL;
 }
 
-static char *device_text(const McuInfo *mcu) {
-        char *text = NULL;
-
-        if (streq(mcu->transport, "can") && !isempty(mcu->can_uuid)) {
-                if (asprintf(&text, "%s:%s", isempty(mcu->can_interface) ? "can" : mcu->can_interface,
-                             mcu->can_uuid) < 0)
-                        return NULL;
-                return text;
-        }
-
-        return strdup(isempty(mcu->device_path) ? "-" : mcu->device_path);
+/* What a user plugs or configures: the CAN interface of a CAN MCU, the
+ * device node or socket of every other one. */
+static const char *device_text(const McuInfo *mcu) {
+        if (streq(mcu->transport, "can"))
+                return mcu->can_interface;
+        return mcu->device_path;
 }
 
 static void print_cell(const char *text, const char *color, size_t width, bool last) {
@@ -245,14 +243,13 @@ static int print_status_table(const StatusData *data) {
                         [COLUMN_MATCH] = mcu->version_matches_host,
                         [COLUMN_MCU_TYPE] = mcu->mcu_type,
                         [COLUMN_TRANSPORT] = mcu->transport,
+                        [COLUMN_DEVICE] = device_text(mcu),
+                        [COLUMN_UUID] = mcu->can_uuid,
                         [COLUMN_ID] = mcu->id,
                 };
 
                 for (size_t j = 0; j < _COLUMN_MAX; j++) {
-                        if (j == COLUMN_DEVICE)
-                                cells[i][j] = device_text(mcu);
-                        else
-                                cells[i][j] = strdup(isempty(texts[j]) ? "-" : texts[j]);
+                        cells[i][j] = strdup(isempty(texts[j]) ? "-" : texts[j]);
                         if (!cells[i][j]) {
                                 free_cells(cells, data->n_mcus);
                                 return client_error_errno(ENOMEM, "Out of memory");

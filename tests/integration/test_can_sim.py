@@ -62,7 +62,8 @@ def scratch():
 
 @pytest.fixture(scope="module")
 def shim(scratch):
-    """Path of libcanshim.so: meson's if it builds, else compiled here."""
+    """Path of libcanshim.so: meson's if the build dir has (or can build)
+    it, else compiled here with the project's warning flags."""
     builddir = build_dir()
     built = os.path.join(builddir, "tests", "shim", "libcanshim.so")
     if os.path.exists(os.path.join(builddir, "build.ninja")) and shutil.which("ninja"):
@@ -93,13 +94,9 @@ def client_binary(scratch):
     return out
 
 
-_hub_counter = [0]
-
-
 @pytest.fixture
 def hub(scratch):
-    _hub_counter[0] += 1
-    path = os.path.join(scratch, "hub%d.sock" % _hub_counter[0])
+    path = os.path.join(tempfile.mkdtemp(dir=scratch), "hub.sock")
     log = print if os.environ.get("MCUFLASHD_SIM_LOG") else None
     h = canhub.CanHub(path, ifaces=["can0", "can1"], log=log).start()
     yield h

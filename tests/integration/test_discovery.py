@@ -347,3 +347,18 @@ def test_api_matches_interface_xml(printer, daemon, dbus_client, wait_for):
              for p in ("/io/mcuflash1", dbus_client.get_mcu("mcu"))]
     xml = os.path.join(os.path.dirname(__file__), "..", "..", "dbus", "io.mcuflash1.xml")
     assert xmlcompare.compare(xml, [str(t) for t in texts]) == []
+
+
+def test_uart_is_opened_at_the_printer_cfg_baud(testbed, klipper_checkout, printer_cfg, daemon,
+                                                 dbus_client, wait_for):
+    """A hardware UART MCU is identified at the baud printer.cfg gives; the
+    simulator sees the line settings the daemon made on its pty."""
+    import termios
+    klipper_checkout(HOST)
+    uart = testbed.add_uart("ttyAMA1", klipper={"version": HOST, "mcu": "stm32f103xe"})
+    printer_cfg("[mcu]\nserial: /dev/ttyAMA1\nbaud: 115200\n")
+    daemon()
+    props = wait_identified(dbus_client, wait_for, "mcu")
+    assert props["Transport"] == "serial"
+    attrs = termios.tcgetattr(uart.master_fd)
+    assert attrs[4] == termios.B115200 and attrs[5] == termios.B115200

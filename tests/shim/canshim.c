@@ -26,7 +26,10 @@
  * fortified __read_chk/__recv_chk/__recvfrom_chk, ioctl SIOCGIFINDEX,
  * SIOCGIFNAME, SIOCGIFMTU, SIOCGIFFLAGS, and if_nametoindex,
  * if_indextoname, if_nameindex.  SOL_SOCKET options and every non-CAN file
- * descriptor go straight to the next library.
+ * descriptor go straight to the next library.  Filters are applied here and
+ * also handed to the hub, so that poll() does not wake up for frames the
+ * filters drop; unlike the kernel, frames already queued when the filters
+ * change are judged by the new set.
  *
  * Interfaces: which CAN interfaces exist and whether they are up is the
  * hub's knowledge.  The shim keeps a private "WATCH" subscription to the hub
@@ -108,6 +111,7 @@
 #define CAN_NAMELEN_MIN (offsetof(struct sockaddr_can, can_ifindex) + sizeof(int))
 #define HUB_SEND_TIMEOUT_MS 2000
 #define HUB_SYNC_TIMEOUT_MS 2000
+#define HUB_BYE_TIMEOUT_MS 200
 
 /* The glibc entry points of the fortified wrappers (bits/unistd.h and
  * bits/socket2.h declare them only under _FORTIFY_SOURCE). */
@@ -173,6 +177,7 @@ static struct {
 
         struct can_socket **sockets;
         size_t n_sockets;               /* read without the lock as a fast path */
+        unsigned socket_serial;         /* numbers the sockets in their hub NAME */
 
         struct iface ifaces[MAX_IFACES];
         size_t n_ifaces;
@@ -334,15 +339,22 @@ static bool is_can_fd(int fd) {
 
 static int autobind_and_connect(int fd) {
         struct sockaddr_un any = { .sun_family = AF_UNIX };
-        if (real.bind(fd, (const struct sockaddr *) &any, sizeof(sa_family_t)) < 0 && errno != EINVAL)
+        if (real.bind(fd, (const struct sockaddr *) &any, sizeof(sa_family_t)) < 0 &&
+            errno != EINVAL)    /* EINVAL: bound already */
                 return -1;
         if (connect(fd, (const struct sockaddr *) &shim.hub_addr, shim.hub_addrlen) < 0)
                 return -1;
         return 0;
 }
 
-static ssize_t hub_sendmsg(int fd, const struct msghdr *msg, int flags) {
-        struct timespec start, now;
+static long ms_since(const struct timespec *start) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        return (now.tv_sec - start->tv_sec) * 1000 + (now.tv_nsec - start->tv_nsec) / 1000000;
+}
+
+static ssize_t hub_sendmsg(int fd, const struct msghdr *msg, int flags, int timeout_ms) {
+        struct timespec start;
         clock_gettime(CLOCK_MONOTONIC, &start);
         for (;;) {
                 ssize_t n = real.sendmsg(fd, msg, flags | MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -353,14 +365,13 @@ static ssize_t hub_sendmsg(int fd, const struct msghdr *msg, int flags) {
                 if (errno != EAGAIN && errno != EWOULDBLOCK)
                         return -1;
                 /* The hub's queue is full (net.unix.max_dgram_qlen): wait for room. */
-                clock_gettime(CLOCK_MONOTONIC, &now);
-                long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-                if (elapsed >= HUB_SEND_TIMEOUT_MS) {
+                long elapsed = ms_since(&start);
+                if (elapsed >= timeout_ms) {
                         errno = ENOBUFS;
                         return -1;
                 }
                 struct pollfd p = { .fd = fd, .events = POLLOUT };
-                (void) poll(&p, 1, (int) (HUB_SEND_TIMEOUT_MS - elapsed));
+                (void) poll(&p, 1, (int) (timeout_ms - elapsed));
         }
 }
 
@@ -373,7 +384,7 @@ static int hub_send_text(int fd, const char *text, size_t len) {
         };
         bool pad = len == HEADER_SIZE + CAN_MTU || len == HEADER_SIZE + CANFD_MTU;
         struct msghdr msg = { .msg_iov = iov, .msg_iovlen = pad ? 2 : 1 };
-        return hub_sendmsg(fd, &msg, 0) < 0 ? -1 : 0;
+        return hub_sendmsg(fd, &msg, 0, HUB_SEND_TIMEOUT_MS) < 0 ? -1 : 0;
 }
 
 /* ---- interface table (caller holds the lock) ------------------------- */
@@ -498,13 +509,13 @@ static int watch_connect(void) {
         for (size_t i = 0; i < shim.n_ifaces; i++)
                 shim.ifaces[i].present = shim.ifaces[i].up = false;
 
-        struct timespec start, now;
+        struct timespec start;
         clock_gettime(CLOCK_MONOTONIC, &start);
         for (;;) {
-                clock_gettime(CLOCK_MONOTONIC, &now);
-                long elapsed = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+                long elapsed = ms_since(&start);
                 char line[128];
-                ssize_t n = watch_receive(line, sizeof(line), (int) (HUB_SYNC_TIMEOUT_MS - elapsed));
+                ssize_t n = watch_receive(line, sizeof(line),
+                                          (int) (HUB_SYNC_TIMEOUT_MS - elapsed));
                 if (n < 0 || (n == 0 && elapsed >= HUB_SYNC_TIMEOUT_MS)) {
                         debug("no snapshot from the hub");
                         real.close(fd);
@@ -631,8 +642,9 @@ static int socket_connect(int fd) {
                 return -1;
         }
         char name[128];
-        int len = snprintf(name, sizeof(name), "NAME pid=%d comm=%s fd=%d", (int) getpid(),
-                           program_invocation_short_name, fd);
+        int len = snprintf(name, sizeof(name), "NAME pid=%d comm=%s fd=%d socket=%u",
+                           (int) getpid(), program_invocation_short_name, fd,
+                           __atomic_add_fetch(&shim.socket_serial, 1, __ATOMIC_RELAXED));
         (void) hub_send_text(fd, name, (size_t) len);
 
         pthread_mutex_lock(&shim.lock);
@@ -728,7 +740,8 @@ unlock:
                 { .iov_base = frame, .iov_len = len },
         };
         struct msghdr out = { .msg_iov = iov, .msg_iovlen = 2 };
-        if (hub_sendmsg(fd, &out, flags & ~(MSG_DONTWAIT | MSG_NOSIGNAL | MSG_CONFIRM)) < 0)
+        if (hub_sendmsg(fd, &out, flags & ~(MSG_DONTWAIT | MSG_NOSIGNAL | MSG_CONFIRM),
+                        HUB_SEND_TIMEOUT_MS) < 0)
                 return -1;
         return (ssize_t) len;
 }
@@ -853,8 +866,8 @@ static ssize_t can_recvmsg(int fd, struct msghdr *msg, int flags) {
                         msg->msg_flags |= MSG_TRUNC;
                 if (msg->msg_name && msg->msg_namelen > 0) {
                         struct sockaddr_can addr = { .can_family = AF_CAN, .can_ifindex = ifindex };
-                        size_t want = msg->msg_namelen < sizeof(addr) ? msg->msg_namelen : sizeof(addr);
-                        memcpy(msg->msg_name, &addr, want);
+                        memcpy(msg->msg_name, &addr,
+                               msg->msg_namelen < sizeof(addr) ? msg->msg_namelen : sizeof(addr));
                         msg->msg_namelen = sizeof(addr);
                 }
                 return (ssize_t) copied;
@@ -917,7 +930,8 @@ int socket(int domain, int type, int protocol) {
 
         pthread_mutex_lock(&shim.lock);
         socket_remove(fd);              /* stale entry of a descriptor closed behind our back */
-        struct can_socket **sockets = realloc(shim.sockets, (shim.n_sockets + 1) * sizeof(*sockets));
+        struct can_socket **sockets = realloc(shim.sockets,
+                                              (shim.n_sockets + 1) * sizeof(*sockets));
         if (!sockets) {
                 pthread_mutex_unlock(&shim.lock);
                 socket_free(s);
@@ -976,18 +990,26 @@ int bind(int fd, __CONST_SOCKADDR_ARG addr_arg, socklen_t len) {
 
 int close(int fd) {
         ensure_init();
-        if (fd >= 0 && (loaded_n_sockets() > 0 || __atomic_load_n(&shim.watch_fd, __ATOMIC_RELAXED) == fd)) {
+        bool say_bye = false;
+        if (fd >= 0 && (loaded_n_sockets() > 0 ||
+                        __atomic_load_n(&shim.watch_fd, __ATOMIC_RELAXED) == fd)) {
                 pthread_mutex_lock(&shim.lock);
                 struct can_socket *s = socket_find(fd);
                 if (s) {
-                        if (s->connected)
-                                (void) real.send(fd, "BYE", 3, MSG_DONTWAIT | MSG_NOSIGNAL);
+                        say_bye = s->connected;
                         socket_remove(fd);
                         debug("close(%d)", fd);
                 }
                 if (fd == shim.watch_fd)
                         shim.watch_fd = -1;
                 pthread_mutex_unlock(&shim.lock);
+        }
+        if (say_bye) {
+                /* Let the hub forget the socket now; wait briefly if its
+                 * queue is full rather than leave it registered. */
+                struct iovec iov = { .iov_base = (void *) "BYE", .iov_len = 3 };
+                struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+                (void) hub_sendmsg(fd, &msg, 0, HUB_BYE_TIMEOUT_MS);
         }
         return real.close(fd);
 }
@@ -1223,7 +1245,8 @@ ssize_t send(int fd, const void *buf, size_t len, int flags) {
         return can_send_simple(fd, buf, len, flags, NULL, 0);
 }
 
-ssize_t recvfrom(int fd, void *buf, size_t len, int flags, __SOCKADDR_ARG addr, socklen_t *addr_len) {
+ssize_t recvfrom(int fd, void *buf, size_t len, int flags, __SOCKADDR_ARG addr,
+                 socklen_t *addr_len) {
         ensure_init();
         if (!is_can_fd(fd))
                 return real.recvfrom(fd, buf, len, flags, addr, addr_len);

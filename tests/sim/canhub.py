@@ -621,7 +621,8 @@ class HubWatcher:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Serve a virtual CAN bus for canshim and the simulators.")
+    ap = argparse.ArgumentParser(
+        description="Serve a virtual CAN bus for canshim and the simulators.")
     ap.add_argument("socket", help="hub socket path (@name: abstract namespace)")
     ap.add_argument("-i", "--iface", action="append", default=[],
                     help="NAME[:BITRATE][:down], may be repeated")
@@ -648,10 +649,11 @@ def main(argv=None):
             for line in sys.stdin:
                 words = line.split()
                 try:
+                    bitrate = int(words[2]) if len(words) > 2 else None
                     if words[0] == "add":
-                        hub.add_iface(words[1], int(words[2]) if len(words) > 2 else DEFAULT_BITRATE)
+                        hub.add_iface(words[1], bitrate or DEFAULT_BITRATE)
                     elif words[0] == "up":
-                        hub.set_up(words[1], True, int(words[2]) if len(words) > 2 else None)
+                        hub.set_up(words[1], True, bitrate)
                     elif words[0] == "down":
                         hub.set_up(words[1], False)
                     elif words[0] == "remove":
