@@ -8,6 +8,9 @@
 #define DEFAULT_UART_BAUD 250000
 #define DAEMON_HELD_REASON "in use by Klipper; what is shown is what Klipper reports"
 
+/* Read printer.cfg again and give every MCU its name from it. */
+void daemon_reload_printercfg(struct daemon *d);
+
 /* Name and UART speed as printer.cfg says. */
 void daemon_apply_printercfg(struct daemon *d, struct mcu *m);
 

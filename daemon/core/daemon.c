@@ -93,23 +93,33 @@ static void daemon_read_host_version(struct daemon *d) {
 
 /* ---- printer.cfg ------------------------------------------------------- */
 
+/* printer.cfg: PrinterConfig=, else the file klippy's API says it runs. */
 static void daemon_load_printercfg(struct daemon *d) {
+        const char *path = d->config->printer_config ?: d->klippy_config_file;
         struct printercfg *p = NULL;
         int r;
 
         d->printercfg = printercfg_free(d->printercfg);
-        if (isempty(d->config->printer_config))
+        if (isempty(path))
                 return;
-        r = printercfg_load(d->config->printer_config, &p);
+        r = printercfg_load(path, &p);
         if (r < 0) {
-                log_warning_errno(r, "Cannot read %s: %m; MCUs are shown without names.",
-                                  d->config->printer_config);
+                log_warning_errno(r, "Cannot read %s: %m; MCUs are shown without names.", path);
                 return;
         }
         if (p->n_warnings > 0)
                 log_warning("%s has %u problem(s), see above; what could be read is used.",
-                            d->config->printer_config, p->n_warnings);
+                            path, p->n_warnings);
         d->printercfg = p;
+}
+
+void daemon_reload_printercfg(struct daemon *d) {
+        daemon_load_printercfg(d);
+        for (size_t i = 0; i < d->registry->n_mcus; i++) {
+                daemon_apply_printercfg(d, d->registry->mcus[i]);
+                registry_commit(d->registry, d->registry->mcus[i]);
+        }
+        (void) daemon_linux_mcus_update(d);
 }
 
 static const struct printercfg_mcu *daemon_printercfg_entry(struct daemon *d, const struct mcu *m) {
@@ -226,6 +236,7 @@ struct daemon *daemon_free(struct daemon *d) {
         free(d->config_path);
         free(d->host_version);
         free(d->printer_state);
+        free(d->klippy_config_file);
         free(d);
         return NULL;
 }

@@ -39,6 +39,7 @@ struct daemon {
         struct can_watch *can_watch;
         struct can_iface *can_ifaces;   /* core/can.c's list */
         struct klippy_client *klippy;   /* NULL without ApiSocket= */
+        char *klippy_config_file;       /* printer.cfg as klippy names it */
         struct event *klippy_settle_timer;
         bool klipper_running;           /* the klippy API is connected */
         bool klippy_says_stopped;       /* the klippy API is configured and no Klipper runs */

@@ -1,7 +1,8 @@
 /* Living beside a running Klipper.  discover/klippy.c follows klippy's API
  * socket; this file turns what it reports into daemon state:
  *
- *  - Manager.PrinterState;
+ *  - Manager.PrinterState, and printer.cfg's path and the host version when
+ *    the configuration does not name them;
  *  - while klippy runs, every MCU of its printer.cfg belongs to it: the
  *    daemon opens none of their links (no identify, no CAN admin message to
  *    them) and shows what klippy says of them instead — version, build
@@ -101,20 +102,24 @@ static void host_apply_mcu(struct daemon *d, const struct klippy_mcu_info *info)
 }
 
 bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m) {
-        return d->klipper_running && !isempty(m->name);
+        if (!d->klipper_running)
+                return false;
+        /* Until the daemon knows which printer.cfg Klipper runs, every MCU
+         * may be one of Klipper's. */
+        if (!d->printercfg && isempty(d->config->printer_config))
+                return true;
+        return !isempty(m->name);
 }
 
-/* Klipper stopped: its MCUs are free; find out what they run now. */
+/* MCUs that are not (or no longer) Klipper's: find out what they run. */
 static void host_release_mcus(struct daemon *d) {
         for (size_t i = 0; i < d->registry->n_mcus; i++) {
                 struct mcu *m = d->registry->mcus[i];
 
-                if (isempty(m->name))
+                if (daemon_mcu_held_by_klipper(d, m) || !streq(m->state_reason, DAEMON_HELD_REASON))
                         continue;
-                if (streq(m->state_reason, DAEMON_HELD_REASON)) {
-                        (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "");
-                        registry_commit(d->registry, m);
-                }
+                (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "");
+                registry_commit(d->registry, m);
                 if (m->transport_id != MCU_TRANSPORT_CAN)
                         daemon_start_identify(d, m);
         }
@@ -135,6 +140,15 @@ static void host_state_changed(void *userdata, const struct klippy_status *st) {
 
         if (isempty(d->config->klipper_path) && !isempty(st->software_version))
                 daemon_set_host_version(d, st->software_version);
+
+        /* Without PrinterConfig=, klippy tells which printer.cfg it runs. */
+        if (isempty(d->config->printer_config) && !isempty(st->config_file) &&
+            free_and_strdup(&d->klippy_config_file, st->config_file) > 0) {
+                log_info("Reading MCU names from %s, the printer.cfg klippy runs.", st->config_file);
+                daemon_reload_printercfg(d);
+                /* Now known not to be Klipper's: */
+                host_release_mcus(d);
+        }
 
         for (size_t i = 0; i < st->n_mcus; i++)
                 host_apply_mcu(d, &st->mcus[i]);

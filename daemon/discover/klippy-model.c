@@ -234,6 +234,7 @@ struct snapshot {
         char *state_message;
         char *print_state;
         char *software_version;
+        char *config_file;
         const char *printer_state;      /* static */
         struct klippy_mcu_info *mcus;   /* strings owned */
         size_t n_mcus;
@@ -244,6 +245,7 @@ struct klippy_model {
         char *info_state;
         char *info_state_message;
         char *software_version;
+        char *config_file;
         json_object *objects;           /* merged status: object name → {field: value} */
 
         struct snapshot current;
@@ -255,6 +257,7 @@ static void snapshot_done(struct snapshot *s) {
         free(s->state_message);
         free(s->print_state);
         free(s->software_version);
+        free(s->config_file);
         for (size_t i = 0; i < s->n_mcus; i++) {
                 free((char *) s->mcus[i].name);
                 free((char *) s->mcus[i].version);
@@ -269,6 +272,7 @@ static bool snapshot_equal(const struct snapshot *a, const struct snapshot *b) {
         if (a->connected != b->connected || !streq_ptr(a->klippy_state, b->klippy_state) ||
             !streq_ptr(a->state_message, b->state_message) || !streq_ptr(a->print_state, b->print_state) ||
             !streq_ptr(a->software_version, b->software_version) || !streq_ptr(a->printer_state, b->printer_state) ||
+            !streq_ptr(a->config_file, b->config_file) ||
             a->n_mcus != b->n_mcus)
                 return false;
         for (size_t i = 0; i < a->n_mcus; i++)
@@ -344,7 +348,8 @@ static int snapshot_build(const struct klippy_model *m, struct snapshot *s) {
         if (strdup_optional(state, &s->klippy_state) < 0 ||
             strdup_optional(message, &s->state_message) < 0 ||
             strdup_optional(klippy_json_get_string(print_stats, "state"), &s->print_state) < 0 ||
-            strdup_optional(m->software_version, &s->software_version) < 0)
+            strdup_optional(m->software_version, &s->software_version) < 0 ||
+            strdup_optional(m->config_file, &s->config_file) < 0)
                 return -ENOMEM;
         s->printer_state = klippy_printer_state(true, s->klippy_state, s->print_state);
         if (m->objects) {
@@ -378,6 +383,7 @@ static int model_update(struct klippy_model *m) {
                 .print_state = s.print_state,
                 .printer_state = s.printer_state,
                 .software_version = s.software_version,
+                .config_file = s.config_file,
                 .mcus = s.mcus,
                 .n_mcus = s.n_mcus,
         };
@@ -400,6 +406,7 @@ struct klippy_model *klippy_model_free(struct klippy_model *m) {
         free(m->info_state);
         free(m->info_state_message);
         free(m->software_version);
+        free(m->config_file);
         json_object_put(m->objects);
         snapshot_done(&m->current);
         free(m);
@@ -411,8 +418,9 @@ int klippy_model_reset(struct klippy_model *m) {
         free(m->info_state);
         free(m->info_state_message);
         free(m->software_version);
+        free(m->config_file);
         json_object_put(m->objects);
-        m->info_state = m->info_state_message = m->software_version = NULL;
+        m->info_state = m->info_state_message = m->software_version = m->config_file = NULL;
         m->objects = NULL;
         return model_update(m);
 }
@@ -424,7 +432,8 @@ int klippy_model_set_info(struct klippy_model *m, json_object *info_result) {
                 return -EBADMSG;
         if (free_and_strdup(&m->info_state, state) < 0 ||
             free_and_strdup(&m->info_state_message, klippy_json_get_string(info_result, "state_message")) < 0 ||
-            free_and_strdup(&m->software_version, klippy_json_get_string(info_result, "software_version")) < 0)
+            free_and_strdup(&m->software_version, klippy_json_get_string(info_result, "software_version")) < 0 ||
+            free_and_strdup(&m->config_file, klippy_json_get_string(info_result, "config_file")) < 0)
                 return -ENOMEM;
         m->connected = true;
         return model_update(m);

@@ -37,6 +37,7 @@ struct klippy_status {
         const char *print_state;        /* print_stats.state; NULL if unknown */
         const char *printer_state;      /* idle|printing|paused|startup|shutdown|error|stopped|unknown, never NULL */
         const char *software_version;   /* info's software_version (Klipper host version); NULL if unknown */
+        const char *config_file;        /* info's config_file (klippy's printer.cfg); NULL if unknown */
         const struct klippy_mcu_info *mcus; /* sorted by name, so "mcu" comes first */
         size_t n_mcus;
 };

@@ -248,3 +248,21 @@ def test_klippy_starting_up_then_ready(testbed, klipper_checkout, printer_cfg, k
     wait_for(lambda: manager_props()["PrinterState"] == "idle", timeout=10)
     wait_for(lambda: props_of(dbus_client, "mcu")["FirmwareVersion"] == HOST, timeout=10)
     assert board.sim.rx_bytes == 0
+
+
+def test_names_from_the_printer_cfg_klippy_runs(testbed, klipper_host, klipper_checkout, klippy,
+                                                daemon, dbus_client, wait_for, tmp_path):
+    """Without PrinterConfig=, the printer.cfg klippy names in its API gives
+    the names."""
+    import klippy_api
+    klipper_checkout(HOST)
+    board = testbed.add_klipper_usb(serial="E66138935F4A2B2C", mcu="rp2040", version=OLD)
+    cfg = tmp_path / "elsewhere.cfg"
+    cfg.write_text("[mcu eddy]\nserial: %s\n" % board.by_id)
+    klippy(config_file=str(cfg), mcus={"mcu eddy": klippy_api.default_mcu(OLD, "rp2040")})
+    daemon(config_text="[Klipper]\nPath=%s\nApiSocket=%s\n" % (klipper_host.checkout,
+                                                              klipper_host.api_socket))
+    props = wait_for(lambda: (lambda p: p if p["Name"] == "mcu eddy" and p["FirmwareVersion"] == OLD
+                              else None)(props_of(dbus_client, "E66138935F4A2B2C")), timeout=15)
+    assert "Klipper" in props["StateReason"]
+    assert board.sim.rx_bytes == 0

@@ -362,3 +362,15 @@ def test_uart_is_opened_at_the_printer_cfg_baud(testbed, klipper_checkout, print
     assert props["Transport"] == "serial"
     attrs = termios.tcgetattr(uart.master_fd)
     assert attrs[4] == termios.B115200 and attrs[5] == termios.B115200
+
+
+def test_broken_printer_cfg_warns_and_mcus_still_show(testbed, klipper_checkout, printer_cfg,
+                                                       daemon, dbus_client, wait_for):
+    klipper_checkout(HOST)
+    board = testbed.add_klipper_usb(serial=EDDY_SERIAL, mcu="rp2040", version=OLD)
+    printer_cfg("[mcu eddy\nserial %s\n[include nothing/here/*.cfg]\n\x00garbage: [\n" % board.by_id)
+    d = daemon()
+    props = wait_identified(dbus_client, wait_for, EDDY_SERIAL)
+    assert props["FirmwareVersion"] == OLD
+    assert props["Name"] == ""
+    assert "<4>" in d.log()           # a warning, with journald's priority prefix

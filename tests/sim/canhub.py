@@ -350,9 +350,13 @@ class CanHub:
         with self.lock:
             return sum(1 for c in self._clients.values() if c.kind == kind and c.iface == iface)
 
-    def watchers(self):
+    def watchers(self, include_shim=False):
+        """How many WATCH subscribers there are; the private subscriptions
+        of shimmed processes (named "canshim-watch ...") only count with
+        @include_shim."""
         with self.lock:
-            return sum(1 for c in self._clients.values() if c.watcher)
+            return sum(1 for c in self._clients.values() if c.watcher and
+                       (include_shim or not c.name().startswith("canshim-watch")))
 
     def wait_for(self, predicate, timeout=5.0):
         """Wait until predicate(self) is true (re-checked on every event)."""

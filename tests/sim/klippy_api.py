@@ -119,10 +119,12 @@ class FakeKlippy:
 
     def __init__(self, socket_path, state="ready", print_state="standby", mcus=None, config=None,
                  state_message=None, software_version=DEFAULT_VERSION, extra_objects=None,
-                 restart_state="ready", log=None, start=True):
+                 restart_state="ready", log=None, start=True,
+                 config_file="/home/pi/printer_data/config/printer.cfg"):
         if state not in STATES:
             raise ValueError("unknown klippy state %r" % state)
         self.socket_path = socket_path
+        self.config_file = config_file
         self.software_version = software_version
         self.restart_state = restart_state
         self.log = log
@@ -522,7 +524,7 @@ class FakeKlippy:
             "python_path": "/home/pi/klippy-env/bin/python", "process_id": os.getpid(),
             "user_id": os.getuid(), "group_id": os.getgid(),
             "log_file": "/home/pi/printer_data/logs/klippy.log",
-            "config_file": "/home/pi/printer_data/config/printer.cfg",
+            "config_file": self.config_file,
             "software_version": self.software_version, "cpu_info": "4 core ARMv7 Processor rev 3 (v7l)",
         }, None
 
