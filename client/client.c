@@ -2,16 +2,23 @@
  * with a single org.freedesktop.DBus.Properties.GetAll call per object and
  * stored into ManagerInfo/McuInfo through small field tables (unknown
  * properties are skipped, so a newer daemon works with an older client),
- * JSON building with json-c and error printing.  It does not parse command
- * lines or format tables; the cmd-*.c files do. */
+ * JSON building with json-c and error printing, the same for Job objects,
+ * and the plumbing that event-following verbs share: a signalfd for Ctrl-C,
+ * waiting on the bus fd and that fd together, match rules.  It does not
+ * parse command lines, format tables or decide what an event means; the
+ * cmd-*.c files and job-wait.c do. */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <math.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/signalfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client.h"
@@ -20,6 +27,7 @@ typedef enum PropertyKind {
         PROPERTY_STRING,
         PROPERTY_UINT64,
         PROPERTY_BOOL,
+        PROPERTY_DOUBLE,
 } PropertyKind;
 
 /* Where a D-Bus property lands in a struct. */
@@ -67,6 +75,18 @@ static const PropertyField mcu_fields[] = {
         { "FlashStart",         PROPERTY_UINT64, offsetof(McuInfo, flash_start)          },
         { "VersionMatchesHost", PROPERTY_STRING, offsetof(McuInfo, version_matches_host) },
         { "Job",                PROPERTY_STRING, offsetof(McuInfo, job)                  },
+};
+
+static const PropertyField job_fields[] = {
+        { "Mcu",          PROPERTY_STRING, offsetof(JobInfo, mcu)           },
+        { "Kind",         PROPERTY_STRING, offsetof(JobInfo, kind)          },
+        { "State",        PROPERTY_STRING, offsetof(JobInfo, state)         },
+        { "Phase",        PROPERTY_STRING, offsetof(JobInfo, phase)         },
+        { "BytesDone",    PROPERTY_UINT64, offsetof(JobInfo, bytes_done)    },
+        { "BytesTotal",   PROPERTY_UINT64, offsetof(JobInfo, bytes_total)   },
+        { "Progress",     PROPERTY_DOUBLE, offsetof(JobInfo, progress)      },
+        { "Error",        PROPERTY_STRING, offsetof(JobInfo, error)         },
+        { "ErrorMessage", PROPERTY_STRING, offsetof(JobInfo, error_message) },
 };
 
 void strv_free(char **strv) {
@@ -266,6 +286,12 @@ static int store_property(const PropertyField *field, const PropertyValue *value
                         return -EBADMSG;
                 *(bool *) p = value->boolean;
                 return 0;
+
+        case PROPERTY_DOUBLE:
+                if (value->type != SD_BUS_TYPE_DOUBLE)
+                        return -EBADMSG;
+                *(double *) p = value->number;
+                return 0;
         }
 
         return -EBADMSG;
@@ -360,9 +386,11 @@ static bool bus_error_is_missing_object(const sd_bus_error *error) {
 }
 
 /* GetAll on one object.  Returns -ENXIO without printing anything when the
- * object does not exist (any more); every other failure is printed. */
-static int get_all_properties(sd_bus *bus, const char *path, const char *interface,
-                              const PropertyField *fields, size_t n_fields, void *base) {
+ * object does not exist (any more); every other failure is printed.  The
+ * reply's cookie goes to *ret_cookie when that is not NULL. */
+static int get_all_properties_with_cookie(sd_bus *bus, const char *path, const char *interface,
+                                          const PropertyField *fields, size_t n_fields, void *base,
+                                          uint64_t *ret_cookie) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         sd_bus_error error = SD_BUS_ERROR_NULL;
         int r;
@@ -379,7 +407,18 @@ static int get_all_properties(sd_bus *bus, const char *path, const char *interfa
                 return r;
         }
 
+        if (ret_cookie) {
+                r = sd_bus_message_get_cookie(reply, ret_cookie);
+                if (r < 0)
+                        return client_error_errno(r, "Reply to GetAll has no cookie: %m");
+        }
+
         return parse_properties(reply, interface, fields, n_fields, base);
+}
+
+static int get_all_properties(sd_bus *bus, const char *path, const char *interface,
+                              const PropertyField *fields, size_t n_fields, void *base) {
+        return get_all_properties_with_cookie(bus, path, interface, fields, n_fields, base, NULL);
 }
 
 void manager_info_done(ManagerInfo *info) {
@@ -417,27 +456,31 @@ int client_get_manager_info(sd_bus *bus, ManagerInfo *ret) {
         return 0;
 }
 
-int client_list_mcus(sd_bus *bus, char ***ret_paths) {
+/* Call a Manager method that returns "ao"; the empty array comes back as
+ * an empty strv rather than NULL. */
+static int call_list_method(sd_bus *bus, const char *method, char ***ret_paths) {
         _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
         sd_bus_error error = SD_BUS_ERROR_NULL;
         char **paths = NULL;
         int r;
 
         r = sd_bus_call_method(bus, MCUFLASH_BUS_NAME, MCUFLASH_MANAGER_PATH,
-                               MCUFLASH_MANAGER_INTERFACE, "ListMcus",
+                               MCUFLASH_MANAGER_INTERFACE, method,
                                &error, &reply, NULL);
         if (r < 0) {
-                r = client_bus_error(&error, r, "Failed to list MCUs");
+                char what[64];
+
+                snprintf(what, sizeof(what), "Failed to call %s", method);
+                r = client_bus_error(&error, r, what);
                 sd_bus_error_free(&error);
                 return r;
         }
 
         r = sd_bus_message_read_strv(reply, &paths);
         if (r < 0)
-                return client_error_errno(r, "Failed to parse the reply of ListMcus: %m");
+                return client_error_errno(r, "Failed to parse the reply of %s: %m", method);
 
         if (!paths) {
-                /* An empty array reads as NULL; callers get an empty list instead. */
                 paths = calloc(1, sizeof(char *));
                 if (!paths)
                         return client_error_errno(ENOMEM, "Out of memory");
@@ -445,6 +488,14 @@ int client_list_mcus(sd_bus *bus, char ***ret_paths) {
 
         *ret_paths = paths;
         return 0;
+}
+
+int client_list_mcus(sd_bus *bus, char ***ret_paths) {
+        return call_list_method(bus, "ListMcus", ret_paths);
+}
+
+int client_list_jobs(sd_bus *bus, char ***ret_paths) {
+        return call_list_method(bus, "ListJobs", ret_paths);
 }
 
 int client_get_mcu_info(sd_bus *bus, const char *path, McuInfo *ret) {
@@ -507,7 +558,7 @@ const char *mcu_info_short_name(const McuInfo *info) {
         return isempty(rest) ? info->name : rest;
 }
 
-static int json_add_string(json_object *object, const char *key, const char *value) {
+int client_json_add_string(json_object *object, const char *key, const char *value) {
         json_object *s;
 
         s = json_object_new_string(strempty(value));
@@ -565,7 +616,7 @@ int mcu_info_to_json(const McuInfo *info, json_object **ret) {
         };
 
         for (size_t i = 0; i < ELEMENTSOF(entries) && r >= 0; i++)
-                r = json_add_string(object, entries[i].key, entries[i].value);
+                r = client_json_add_string(object, entries[i].key, entries[i].value);
         if (r < 0)
                 return r;
 
@@ -601,4 +652,352 @@ bool client_use_color(void) {
                 return false;
 
         return true;
+}
+
+void job_info_done(JobInfo *info) {
+        free_property_strings(job_fields, ELEMENTSOF(job_fields), info);
+        free(info->object_path);
+        info->object_path = NULL;
+}
+
+int client_get_job_info_with_cookie(sd_bus *bus, const char *path, JobInfo *ret, uint64_t *ret_cookie) {
+        _cleanup_(job_info_donep) JobInfo info = {};
+        int r;
+
+        info.object_path = strdup(path);
+        if (!info.object_path)
+                return client_error_errno(ENOMEM, "Out of memory");
+
+        r = get_all_properties_with_cookie(bus, path, MCUFLASH_JOB_INTERFACE,
+                                           job_fields, ELEMENTSOF(job_fields), &info, ret_cookie);
+        if (r < 0)
+                return r;
+
+        *ret = info;
+        info = (JobInfo) {};
+        return 0;
+}
+
+int client_get_job_info(sd_bus *bus, const char *path, JobInfo *ret) {
+        return client_get_job_info_with_cookie(bus, path, ret, NULL);
+}
+
+int job_info_apply_changes(JobInfo *info, sd_bus_message *m) {
+        return parse_properties(m, MCUFLASH_JOB_INTERFACE, job_fields, ELEMENTSOF(job_fields), info);
+}
+
+bool job_state_is_final(const char *state) {
+        return streq_ptr(state, "succeeded") || streq_ptr(state, "failed") || streq_ptr(state, "cancelled");
+}
+
+const char *job_path_number(const char *path) {
+        const char *number;
+
+        if (!path)
+                return NULL;
+
+        number = startswith(path, MCUFLASH_JOB_PATH_PREFIX);
+        if (isempty(number) || strchr(number, '/'))
+                return NULL;
+
+        return number;
+}
+
+unsigned progress_percent(double progress) {
+        if (!(progress > 0)) /* also NaN */
+                return 0;
+        if (progress >= 1)
+                return 100;
+
+        /* Truncation rounds down; the epsilon keeps 0.29 at 29 % although
+         * 0.29 * 100 is 28.999…. */
+        return (unsigned) (progress * 100 + 1e-9);
+}
+
+json_object *client_json_double(double value) {
+        char text[40];
+
+        if (!isfinite(value))
+                value = 0;
+
+        for (int precision = 1; precision <= 17; precision++) {
+                snprintf(text, sizeof(text), "%.*g", precision, value);
+                if (strtod(text, NULL) == value)
+                        break;
+        }
+
+        /* Keep it recognisably a fraction: 1.0, not 1. */
+        if (!strpbrk(text, ".e"))
+                strncat(text, ".0", sizeof(text) - strlen(text) - 1);
+
+        return json_object_new_double_s(value, text);
+}
+
+int job_info_to_json(const JobInfo *info, json_object **ret) {
+        _cleanup_(json_object_putp) json_object *object = NULL;
+        json_object *number;
+        int r = 0;
+
+        object = json_object_new_object();
+        if (!object)
+                return -ENOMEM;
+
+        const struct {
+                const char *key;
+                const char *value;
+        } strings[] = {
+                { "path",  info->object_path },
+                { "mcu",   info->mcu         },
+                { "kind",  info->kind        },
+                { "state", info->state       },
+                { "phase", info->phase       },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(strings) && r >= 0; i++)
+                r = client_json_add_string(object, strings[i].key, strings[i].value);
+        if (r < 0)
+                return r;
+
+        const struct {
+                const char *key;
+                json_object *value;
+        } numbers[] = {
+                { "bytes_done",  json_object_new_uint64(info->bytes_done)  },
+                { "bytes_total", json_object_new_uint64(info->bytes_total) },
+                { "progress",    client_json_double(info->progress)        },
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(numbers); i++) {
+                number = numbers[i].value;
+                if (r >= 0 && (!number || json_object_object_add(object, numbers[i].key, number) < 0))
+                        r = -ENOMEM;
+                if (r < 0)
+                        json_object_put(number);
+        }
+        if (r < 0)
+                return r;
+
+        r = client_json_add_string(object, "error", info->error);
+        if (r >= 0)
+                r = client_json_add_string(object, "error_message", info->error_message);
+        if (r < 0)
+                return r;
+
+        *ret = TAKE_PTR(object);
+        return 0;
+}
+
+/* A JSON value for a variant read by read_variant(); NULL (JSON null) for
+ * containers.  Returns 0 or -ENOMEM. */
+static int property_value_to_json(const PropertyValue *value, json_object **ret) {
+        json_object *v;
+
+        switch (value->type) {
+        case 0:
+                *ret = NULL;
+                return 0;
+        case SD_BUS_TYPE_STRING:
+        case SD_BUS_TYPE_OBJECT_PATH:
+        case SD_BUS_TYPE_SIGNATURE:
+                v = json_object_new_string(strempty(value->string));
+                break;
+        case SD_BUS_TYPE_BYTE:
+        case SD_BUS_TYPE_UINT16:
+        case SD_BUS_TYPE_UINT32:
+        case SD_BUS_TYPE_UINT64:
+                v = json_object_new_uint64(value->unsigned_number);
+                break;
+        case SD_BUS_TYPE_INT16:
+        case SD_BUS_TYPE_INT32:
+        case SD_BUS_TYPE_INT64:
+                v = json_object_new_int64(value->signed_number);
+                break;
+        case SD_BUS_TYPE_BOOLEAN:
+                v = json_object_new_boolean(value->boolean);
+                break;
+        case SD_BUS_TYPE_DOUBLE:
+                v = client_json_double(value->number);
+                break;
+        default:
+                *ret = NULL;
+                return 0;
+        }
+
+        if (!v)
+                return -ENOMEM;
+
+        *ret = v;
+        return 0;
+}
+
+int client_read_properties_json(sd_bus_message *m, json_object **ret) {
+        _cleanup_(json_object_putp) json_object *object = NULL;
+        int r;
+
+        object = json_object_new_object();
+        if (!object)
+                return client_error_errno(ENOMEM, "Out of memory");
+
+        r = sd_bus_message_enter_container(m, SD_BUS_TYPE_ARRAY, "{sv}");
+        if (r < 0)
+                return client_error_errno(r, "Failed to parse properties: %m");
+
+        for (;;) {
+                PropertyValue value;
+                json_object *v = NULL;
+                const char *name;
+
+                r = sd_bus_message_enter_container(m, SD_BUS_TYPE_DICT_ENTRY, "sv");
+                if (r < 0)
+                        return client_error_errno(r, "Failed to parse properties: %m");
+                if (r == 0)
+                        break;
+
+                r = sd_bus_message_read_basic(m, SD_BUS_TYPE_STRING, &name);
+                if (r < 0)
+                        return client_error_errno(r, "Failed to parse properties: %m");
+
+                r = read_variant(m, &value);
+                if (r < 0)
+                        return client_error_errno(r, "Failed to parse property %s: %m", name);
+
+                r = property_value_to_json(&value, &v);
+                if (r < 0 || json_object_object_add(object, name, v) < 0) {
+                        json_object_put(v);
+                        return client_error_errno(ENOMEM, "Out of memory");
+                }
+
+                r = sd_bus_message_exit_container(m);
+                if (r < 0)
+                        return client_error_errno(r, "Failed to parse properties: %m");
+        }
+
+        r = sd_bus_message_exit_container(m);
+        if (r < 0)
+                return client_error_errno(r, "Failed to parse properties: %m");
+
+        *ret = TAKE_PTR(object);
+        return 0;
+}
+
+int client_print_json_line(json_object *object) {
+        const char *text;
+
+        text = json_object_to_json_string_ext(object, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
+        if (!text)
+                return client_error_errno(ENOMEM, "Failed to format JSON");
+
+        fputs(text, stdout);
+        fputc('\n', stdout);
+        if (fflush(stdout) != 0)
+                return client_error_errno(errno, "Failed to write output: %m");
+        return 0;
+}
+
+int client_open_signal_fd(const int *signals, size_t n_signals, sigset_t *ret_old_mask, int *ret_fd) {
+        sigset_t mask, old_mask;
+        int fd, saved;
+
+        sigemptyset(&mask);
+        for (size_t i = 0; i < n_signals; i++) {
+                struct sigaction current;
+
+                if (sigaction(signals[i], NULL, &current) < 0)
+                        return client_error_errno(errno, "Failed to query signal %d: %m", signals[i]);
+                if (current.sa_handler == SIG_IGN)
+                        continue;
+                sigaddset(&mask, signals[i]);
+        }
+
+        if (sigprocmask(SIG_BLOCK, &mask, &old_mask) < 0)
+                return client_error_errno(errno, "Failed to block signals: %m");
+
+        fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+        if (fd < 0) {
+                saved = errno;
+                (void) sigprocmask(SIG_SETMASK, &old_mask, NULL);
+                return client_error_errno(saved, "Failed to create a signalfd: %m");
+        }
+
+        *ret_old_mask = old_mask;
+        *ret_fd = fd;
+        return 0;
+}
+
+int client_wait_bus_or_signal(sd_bus *bus, int signal_fd) {
+        struct pollfd fds[2] = {};
+        uint64_t timeout_usec;
+        int bus_fd, events, timeout_ms = -1, r;
+
+        bus_fd = sd_bus_get_fd(bus);
+        if (bus_fd < 0)
+                return client_error_errno(bus_fd, "Failed to get the bus fd: %m");
+
+        events = sd_bus_get_events(bus);
+        if (events < 0)
+                return client_error_errno(events, "Failed to get the bus events: %m");
+
+        r = sd_bus_get_timeout(bus, &timeout_usec);
+        if (r < 0)
+                return client_error_errno(r, "Failed to get the bus timeout: %m");
+
+        if (timeout_usec != UINT64_MAX) {
+                struct timespec now;
+                uint64_t now_usec;
+
+                /* sd-bus hands out an absolute CLOCK_MONOTONIC time. */
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                now_usec = (uint64_t) now.tv_sec * 1000000 + (uint64_t) now.tv_nsec / 1000;
+                if (timeout_usec <= now_usec)
+                        timeout_ms = 0;
+                else
+                        timeout_ms = (int) MIN((timeout_usec - now_usec + 999) / 1000, (uint64_t) INT32_MAX);
+        }
+
+        fds[0] = (struct pollfd) { .fd = bus_fd, .events = (short) events };
+        fds[1] = (struct pollfd) { .fd = signal_fd, .events = POLLIN };
+
+        r = poll(fds, signal_fd >= 0 ? 2 : 1, timeout_ms);
+        if (r < 0) {
+                if (errno == EINTR)
+                        return 0;
+                return client_error_errno(errno, "Failed to wait for the bus: %m");
+        }
+
+        if (signal_fd >= 0 && (fds[1].revents & POLLIN)) {
+                struct signalfd_siginfo info;
+                ssize_t n;
+
+                n = read(signal_fd, &info, sizeof(info));
+                if (n == (ssize_t) sizeof(info))
+                        return (int) info.ssi_signo;
+                if (n < 0 && errno != EAGAIN && errno != EINTR)
+                        return client_error_errno(errno, "Failed to read the signalfd: %m");
+        }
+
+        return 0;
+}
+
+int client_add_match(sd_bus *bus, sd_bus_slot **ret_slot, const char *rule,
+                     sd_bus_message_handler_t callback, void *userdata) {
+        int r;
+
+        r = sd_bus_add_match(bus, ret_slot, rule, callback, userdata);
+        if (r < 0)
+                return client_error_errno(r, "Failed to subscribe to the signals of mcuflashd: %m");
+        return 0;
+}
+
+int client_match_daemon_gone(sd_bus *bus, sd_bus_slot **ret_slot,
+                             sd_bus_message_handler_t callback, void *userdata) {
+        /* arg2='' matches only when the name is left without an owner. */
+        return client_add_match(bus, ret_slot,
+                                "type='signal',"
+                                "sender='org.freedesktop.DBus',"
+                                "path='/org/freedesktop/DBus',"
+                                "interface='org.freedesktop.DBus',"
+                                "member='NameOwnerChanged',"
+                                "arg0='" MCUFLASH_BUS_NAME "',"
+                                "arg2=''",
+                                callback, userdata);
 }

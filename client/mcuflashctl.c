@@ -18,8 +18,13 @@ typedef struct Verb {
 } Verb;
 
 static const Verb verbs[] = {
-        { "status", "[--json]",     verb_status, "Show the host's Klipper version and every MCU" },
-        { "info",   "MCU [--json]", verb_info,   "Show every property of one MCU"               },
+        { "status",     "[--json]",     verb_status,     "Show the host's Klipper version and every MCU" },
+        { "info",       "MCU [--json]", verb_info,       "Show every property of one MCU"               },
+        { "bootloader", "MCU",          verb_bootloader, "Reboot an MCU into its bootloader and wait"   },
+        { "reboot",     "MCU",          verb_reboot,     "Reboot an MCU into its application and wait"  },
+        { "jobs",       "[--json]",     verb_jobs,       "List running and recently finished jobs"      },
+        { "cancel",     "JOB",          verb_cancel,     "Cancel a job"                                 },
+        { "monitor",    "[--json]",     verb_monitor,    "Print the daemon's events as they happen"     },
 };
 
 /* Run when no verb is given, like boltctl and systemctl. */
@@ -28,7 +33,7 @@ static const Verb verbs[] = {
 static void print_usage(FILE *f) {
         fputs("Usage: mcuflashctl [OPTIONS] [COMMAND [ARGS...]]\n"
               "\n"
-              "Show the Klipper MCUs that mcuflashd knows about.\n"
+              "Show and control the Klipper MCUs that mcuflashd knows about.\n"
               "\n"
               "Commands:\n", f);
         for (size_t i = 0; i < ELEMENTSOF(verbs); i++) {

@@ -4,6 +4,7 @@
 
 #include "bus/bus-loop.h"
 #include "bus/bus.h"
+#include "bus/job.h"
 #include "bus/manager.h"
 #include "bus/mcu.h"
 #include "core/daemon.h"
@@ -21,6 +22,9 @@ int bus_connect(struct daemon *d) {
         r = bus_mcu_install(d);
         if (r < 0)
                 return log_error_errno(r, "Cannot export the Mcu objects: %m");
+        r = bus_job_install(d);
+        if (r < 0)
+                return log_error_errno(r, "Cannot export the Job objects: %m");
         r = bus_loop_attach(d->bus, d->base, &d->bus_loop);
         if (r < 0)
                 return log_error_errno(r, "Cannot attach the bus to the event loop: %m");
@@ -45,6 +49,8 @@ void bus_disconnect(struct daemon *d) {
         d->bus_loop = bus_loop_free(d->bus_loop);
         d->mcu_slot = sd_bus_slot_unref(d->mcu_slot);
         d->mcu_enumerator_slot = sd_bus_slot_unref(d->mcu_enumerator_slot);
+        d->job_slot = sd_bus_slot_unref(d->job_slot);
+        d->job_enumerator_slot = sd_bus_slot_unref(d->job_enumerator_slot);
         d->object_manager_slot = sd_bus_slot_unref(d->object_manager_slot);
         d->manager_slot = sd_bus_slot_unref(d->manager_slot);
         d->bus = sd_bus_flush_close_unref(d->bus);

@@ -7,6 +7,7 @@
 #include "bus/errors.h"
 #include "bus/manager.h"
 #include "core/daemon.h"
+#include "core/job.h"
 #include "shared/log.h"
 #include "build-config.h"
 
@@ -29,6 +30,28 @@ static int method_list_mcus(sd_bus_message *m, void *userdata, sd_bus_error *err
                 return r;
         for (size_t i = 0; i < d->registry->n_mcus; i++) {
                 r = sd_bus_message_append(reply, "o", d->registry->mcus[i]->object_path);
+                if (r < 0)
+                        return r;
+        }
+        r = sd_bus_message_close_container(reply);
+        if (r < 0)
+                return r;
+        return sd_bus_send(NULL, reply, NULL);
+}
+
+static int method_list_jobs(sd_bus_message *m, void *userdata, sd_bus_error *error) {
+        struct daemon *d = userdata;
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *reply = NULL;
+        int r;
+
+        r = sd_bus_message_new_method_return(m, &reply);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_open_container(reply, 'a', "o");
+        if (r < 0)
+                return r;
+        for (struct job *j = d->jobs; j; j = j->next) {
+                r = sd_bus_message_append(reply, "o", j->object_path);
                 if (r < 0)
                         return r;
         }
@@ -79,6 +102,8 @@ static const sd_bus_vtable manager_vtable[] = {
         SD_BUS_METHOD_WITH_NAMES("GetMcu", "s", SD_BUS_PARAM(selector), "o", SD_BUS_PARAM(mcu),
                                  method_get_mcu, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD("Rescan", "", "", method_rescan, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_NAMES("ListJobs", "", , "ao", SD_BUS_PARAM(jobs),
+                                 method_list_jobs, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_SIGNAL_WITH_NAMES("McuAdded", "o", SD_BUS_PARAM(mcu), 0),
         SD_BUS_SIGNAL_WITH_NAMES("McuRemoved", "o", SD_BUS_PARAM(mcu), 0),
         SD_BUS_VTABLE_END,

@@ -6,7 +6,10 @@
 #include "bus/bus.h"
 #include "bus/errors.h"
 #include "bus/mcu.h"
+#include "core/auth.h"
 #include "core/daemon.h"
+#include "core/job.h"
+#include "core/reboot.h"
 #include "shared/log.h"
 
 #define MCU_INTERFACE "io.mcuflash1.Mcu"
@@ -60,6 +63,8 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
                                       "(its version is shown as Klipper reports it).", m->id);
         if (r < 0)
                 return r;
+        if (r > 0)
+                return sd_bus_reply_method_return(msg, NULL);
         pending = realloc(m->pending_refresh, (m->n_pending_refresh + 1) * sizeof(void *));
         if (!pending)
                 return -ENOMEM;
@@ -92,6 +97,151 @@ void bus_mcu_complete_refresh(struct daemon *d, struct mcu *m, int result) {
         bus_kick(d);
 }
 
+/* ---- RebootToBootloader / RebootToApplication --------------------------- */
+
+struct reboot_request {
+        struct daemon *daemon;
+        sd_bus_message *message;
+        char *mcu_id;
+        bool to_bootloader;
+        bool stop_klipper;
+        struct auth_query *query;
+};
+
+static void reboot_request_free(struct reboot_request *req) {
+        auth_query_free(req->query);
+        sd_bus_message_unref(req->message);
+        free(req->mcu_id);
+        free(req);
+}
+
+/* Checks, then the job; answers @req's caller either way. */
+static void reboot_request_answer(struct reboot_request *req) {
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        _cleanup_free_ char *message = NULL;
+        struct daemon *d = req->daemon;
+        enum mcuflash_error code;
+        struct mcu *m = registry_find_by_id(d->registry, req->mcu_id);
+        struct job *j;
+        int r;
+
+        if (!m) {
+                bus_error_setf(&error, MCUFLASH_ERROR_NOT_FOUND, "MCU %s is gone.", req->mcu_id);
+                goto fail;
+        }
+        r = reboot_check(d, m, req->to_bootloader, req->stop_klipper, &code, &message);
+        if (r == -EPERM) {
+                bus_error_setf(&error, code, "%s", message);
+                goto fail;
+        }
+        if (r >= 0)
+                r = reboot_start(d, m, req->to_bootloader, &j);
+        if (r == -EBUSY) {
+                bus_error_setf(&error, MCUFLASH_ERROR_BUSY, "MCU %s already has a job running.", m->id);
+                goto fail;
+        }
+        if (r < 0) {
+                sd_bus_error_set_errno(&error, r);
+                goto fail;
+        }
+        (void) sd_bus_reply_method_return(req->message, "o", j->object_path);
+        bus_kick(d);
+        return;
+fail:
+        (void) sd_bus_reply_method_error(req->message, &error);
+        bus_kick(d);
+}
+
+static void on_reboot_authorized(void *userdata, int result) {
+        struct reboot_request *req = userdata;
+
+        req->query = NULL;
+        if (result <= 0) {
+                _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+
+                bus_error_setf(&error, MCUFLASH_ERROR_NOT_AUTHORIZED, "%s", auth_result_message(result));
+                (void) sd_bus_reply_method_error(req->message, &error);
+                bus_kick(req->daemon);
+        } else
+                reboot_request_answer(req);
+        reboot_request_free(req);
+}
+
+/* Read the a{sv} options of a job method.  Unknown options are an error:
+ * a caller that asks for something must not get something else. */
+static int read_reboot_options(sd_bus_message *msg, bool *stop_klipper, sd_bus_error *error) {
+        int r;
+
+        r = sd_bus_message_enter_container(msg, 'a', "{sv}");
+        if (r < 0)
+                return r;
+        while ((r = sd_bus_message_enter_container(msg, 'e', "sv")) > 0) {
+                const char *key;
+                int b;
+
+                r = sd_bus_message_read(msg, "s", &key);
+                if (r < 0)
+                        return r;
+                if (!streq(key, "stop-klipper"))
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Unknown option '%s'.", key);
+                r = sd_bus_message_read(msg, "v", "b", &b);
+                if (r < 0)
+                        return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
+                                                 "Option 'stop-klipper' takes a boolean.");
+                *stop_klipper = b;
+                r = sd_bus_message_exit_container(msg);
+                if (r < 0)
+                        return r;
+        }
+        if (r < 0)
+                return r;
+        return sd_bus_message_exit_container(msg);
+}
+
+static int method_reboot(sd_bus_message *msg, struct mcu *m, bool to_bootloader, sd_bus_error *error) {
+        struct daemon *d = m->daemon;
+        _cleanup_free_ char *message = NULL;
+        struct reboot_request *req;
+        enum mcuflash_error code;
+        bool stop_klipper = true;
+        int r;
+
+        r = read_reboot_options(msg, &stop_klipper, error);
+        if (r < 0)
+                return r;
+        /* Refuse what can be refused before asking anybody for a password. */
+        r = reboot_check(d, m, to_bootloader, stop_klipper, &code, &message);
+        if (r == -EPERM)
+                return bus_error_setf(error, code, "%s", message);
+        if (r < 0)
+                return r;
+
+        req = calloc(1, sizeof(*req));
+        if (!req || !(req->mcu_id = strdup(m->id))) {
+                free(req);
+                return -ENOMEM;
+        }
+        req->daemon = d;
+        req->message = sd_bus_message_ref(msg);
+        req->to_bootloader = to_bootloader;
+        req->stop_klipper = stop_klipper;
+        r = auth_check_async(d->bus, d->base, msg, auth_action_for("io.mcuflash1.Mcu", sd_bus_message_get_member(msg)),
+                             on_reboot_authorized, req, &req->query);
+        if (r < 0) {
+                reboot_request_free(req);
+                return r;
+        }
+        return 1;
+}
+
+static int method_reboot_to_bootloader(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        return method_reboot(msg, userdata, true, error);
+}
+
+static int method_reboot_to_application(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        return method_reboot(msg, userdata, false, error);
+}
+
 #define MCU_PROPERTY(name, sig, field) \
         SD_BUS_PROPERTY(name, sig, NULL, offsetof(struct mcu, field), SD_BUS_VTABLE_PROPERTY_EMITS_CHANGE)
 
@@ -118,6 +268,10 @@ static const sd_bus_vtable mcu_vtable[] = {
         MCU_PROPERTY("VersionMatchesHost", "s", version_matches_host),
         MCU_PROPERTY("Job", "o", job),
         SD_BUS_METHOD("Refresh", "", "", method_refresh, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_NAMES("RebootToBootloader", "a{sv}", SD_BUS_PARAM(options), "o", SD_BUS_PARAM(job),
+                                 method_reboot_to_bootloader, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_NAMES("RebootToApplication", "a{sv}", SD_BUS_PARAM(options), "o", SD_BUS_PARAM(job),
+                                 method_reboot_to_application, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,
 };
 
@@ -185,6 +339,5 @@ int bus_mcu_install(struct daemon *d) {
         if (r < 0)
                 return r;
         o.userdata = d;
-        registry_set_observer(d->registry, &o);
-        return 0;
+        return registry_add_observer(d->registry, &o);
 }

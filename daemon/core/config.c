@@ -21,6 +21,8 @@
 #define DEFAULT_KLIPPER_SERVICE "klipper.service"
 #define DEFAULT_IDENTIFY_TIMEOUT_USEC (5 * USEC_PER_SEC)
 #define DEFAULT_OFFLINE_TIMEOUT_USEC (600 * USEC_PER_SEC)
+#define DEFAULT_BOOTLOADER_TIMEOUT_USEC (15 * USEC_PER_SEC)
+#define DEFAULT_JOB_RETENTION_USEC (600 * USEC_PER_SEC)
 
 /* Position in the file being parsed, for messages. */
 struct config_location {
@@ -39,6 +41,8 @@ int config_new(struct config **ret) {
                 return -ENOMEM;
         c->identify_timeout_usec = DEFAULT_IDENTIFY_TIMEOUT_USEC;
         c->offline_timeout_usec = DEFAULT_OFFLINE_TIMEOUT_USEC;
+        c->bootloader_timeout_usec = DEFAULT_BOOTLOADER_TIMEOUT_USEC;
+        c->job_retention_usec = DEFAULT_JOB_RETENTION_USEC;
 
         *ret = TAKE_PTR(c);
         return 0;
@@ -70,6 +74,8 @@ static int config_copy(const struct config *c, struct config **ret) {
                 return -ENOMEM;
         copy->identify_timeout_usec = c->identify_timeout_usec;
         copy->offline_timeout_usec = c->offline_timeout_usec;
+        copy->bootloader_timeout_usec = c->bootloader_timeout_usec;
+        copy->job_retention_usec = c->job_retention_usec;
 
         *ret = TAKE_PTR(copy);
         return 0;
@@ -286,6 +292,7 @@ enum config_section {
         SECTION_NONE,
         SECTION_KLIPPER,
         SECTION_DISCOVERY,
+        SECTION_JOBS,
         SECTION_UNKNOWN,
 };
 
@@ -315,6 +322,17 @@ static int config_assign(struct config *c, const struct config_location *loc,
                         return assign_timeout(loc, key, value, DEFAULT_OFFLINE_TIMEOUT_USEC,
                                               true, &c->offline_timeout_usec);
                 log_warning("%s:%u: Unknown key '%s' in section [Discovery], ignoring.",
+                            loc->path, loc->line, key);
+                return 0;
+
+        case SECTION_JOBS:
+                if (streq(key, "BootloaderTimeoutSec"))
+                        return assign_timeout(loc, key, value, DEFAULT_BOOTLOADER_TIMEOUT_USEC,
+                                              false, &c->bootloader_timeout_usec);
+                if (streq(key, "JobRetentionSec"))
+                        return assign_timeout(loc, key, value, DEFAULT_JOB_RETENTION_USEC,
+                                              true, &c->job_retention_usec);
+                log_warning("%s:%u: Unknown key '%s' in section [Jobs], ignoring.",
                             loc->path, loc->line, key);
                 return 0;
 
@@ -351,6 +369,8 @@ static int config_parse_line(struct config *c, const struct config_location *loc
                         *section = SECTION_KLIPPER;
                 else if (streq(name, "Discovery"))
                         *section = SECTION_DISCOVERY;
+                else if (streq(name, "Jobs"))
+                        *section = SECTION_JOBS;
                 else {
                         log_warning("%s:%u: Unknown section [%s], ignoring its contents.",
                                     loc->path, loc->line, name);

@@ -20,6 +20,10 @@ struct config {
         char **extra_serial_devices;    /* SerialDevices=: NULL-terminated, space separated in the file */
         uint64_t identify_timeout_usec; /* IdentifyTimeoutSec= (default 5) */
         uint64_t offline_timeout_usec;  /* OfflineTimeoutSec= (default 600; 0 = keep until Rescan) */
+
+        /* [Jobs] */
+        uint64_t bootloader_timeout_usec; /* BootloaderTimeoutSec= (default 15) */
+        uint64_t job_retention_usec;    /* JobRetentionSec= (default 600) */
 };
 
 /* Defaults, before any file is read. */

@@ -32,6 +32,10 @@ void daemon_mcu_gone(struct daemon *d, struct mcu *m, const char *reason);
 void daemon_tty_added(void *userdata, const struct udev_tty_info *info);
 void daemon_tty_removed(void *userdata, const char *syspath);
 
+/* USB bootloader devices (usbboot.c). */
+void daemon_usb_added(void *userdata, const struct udev_usb_info *info);
+void daemon_usb_removed(void *userdata, const char *syspath);
+
 /* Linux process MCU paths (linuxmcu.c). */
 int daemon_linux_mcus_update(struct daemon *d);
 

@@ -14,6 +14,7 @@
 #include "bus/mcu.h"
 #include "core/daemon-internal.h"
 #include "core/identify.h"
+#include "core/job.h"
 #include "core/version.h"
 #include "shared/log.h"
 #include "build-config.h"
@@ -219,6 +220,7 @@ struct daemon *daemon_free(struct daemon *d) {
                 return NULL;
         /* Workers first: their completions still refer to the registry. */
         d->workers = worker_pool_free(d->workers);
+        jobs_free_all(d);
         d->udev = udev_discovery_free(d->udev);
         d->path_watch = path_watch_free(d->path_watch);
         daemon_can_stop(d);
@@ -253,6 +255,8 @@ int daemon_run(struct daemon *d) {
         static const struct udev_discovery_callbacks udev_callbacks = {
                 .tty_added = daemon_tty_added,
                 .tty_removed = daemon_tty_removed,
+                .usb_added = daemon_usb_added,
+                .usb_removed = daemon_usb_removed,
         };
         struct udev_discovery_callbacks cb = udev_callbacks;
         int r;
@@ -264,6 +268,9 @@ int daemon_run(struct daemon *d) {
                 return log_error_errno(ENOMEM, "Cannot watch signals: %m");
 
         r = bus_connect(d);
+        if (r < 0)
+                return r;
+        r = daemon_jobs_observe(d);
         if (r < 0)
                 return r;
 

@@ -22,6 +22,7 @@
 struct bus_loop;
 struct can_iface;
 struct klippy_client;
+struct job;
 
 struct daemon {
         struct event_base *base;
@@ -50,6 +51,10 @@ struct daemon {
         sd_bus_slot *object_manager_slot;
         sd_bus_slot *mcu_slot;
         sd_bus_slot *mcu_enumerator_slot;
+        sd_bus_slot *job_slot;
+        sd_bus_slot *job_enumerator_slot;
+        struct job *jobs;               /* core/job.c's list, newest first */
+        unsigned n_jobs_started;
 
         struct event *sigterm_event;
         struct event *sigint_event;
@@ -70,6 +75,8 @@ int daemon_run(struct daemon *d);
  * enumerate devices again and re-identify MCUs whose state is unknown. */
 int daemon_rescan(struct daemon *d);
 
-/* Re-identify @m (Refresh).  Returns 0 when an identify runs (or already
- * ran), -ENODEV when the MCU is offline. */
+/* Re-identify @m (Refresh).  Returns 0 when an identify runs (the answer
+ * follows through bus_mcu_complete_refresh()), 1 when there is nothing to
+ * ask (a USB bootloader device), -ENODEV when the MCU is offline, -EBUSY
+ * when Klipper holds it. */
 int daemon_refresh_mcu(struct daemon *d, struct mcu *m);

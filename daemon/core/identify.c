@@ -26,6 +26,7 @@ int identify_request_new(const struct mcu *m, int timeout_ms, struct identify_re
         req->generation = m->identify_generation;
         req->baud = m->baud;
         req->timeout_ms = timeout_ms;
+        req->katapult = m->speaks_katapult;
         *ret = TAKE_PTR(req);
         return 0;
 }
@@ -66,7 +67,36 @@ int identify_run(void *userdata) {
         r = serial_transport_open(req->device_path, req->baud, &t);
         if (r < 0)
                 return r;
+        if (req->katapult)
+                return katapult_connect(t, req->timeout_ms, &req->katapult_info);
         return identify_over(t, req->timeout_ms, &req->dict);
+}
+
+void identify_apply_katapult(struct mcu *m, const struct katapult_info *info, int result,
+                             const char *where, const char *host_version) {
+        char reason[256];
+
+        if (result < 0) {
+                snprintf(reason, sizeof(reason), "Katapult does not answer CONNECT (%s)", strerror(-result));
+                mcu_set_state(m, MCU_STATE_UNKNOWN);
+                (void) mcu_set_string(m, MCU_PROP_STATE_REASON, reason);
+                log_warning("%s: %s: %s", m->id, where, reason);
+                return;
+        }
+        mcu_set_state(m, MCU_STATE_BOOTLOADER);
+        (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "");
+        (void) mcu_set_string(m, MCU_PROP_BOOTLOADER, "katapult");
+        (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Katapult");
+        (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, info->version);
+        (void) mcu_set_string(m, MCU_PROP_BUILD_VERSIONS, "");
+        if (!isempty(info->mcu))
+                (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, info->mcu);
+        mcu_set_flash_start(m, info->app_start);
+        /* A bootloader's version is not Klipper's: nothing to compare. */
+        mcu_update_version_match(m, "");
+        log_info("%s: Katapult %s on %s (%s), application at 0x%08x, %u-byte blocks", m->id,
+                 isempty(info->version) ? "(version unknown)" : info->version, m->mcu_type, where,
+                 info->app_start, info->block_size);
 }
 
 /* A sentence a person can act on, for StateReason and the log. */
@@ -134,7 +164,10 @@ void identify_apply_result(struct mcu *m, const struct klipper_dict *dict, int r
 
 void identify_apply(struct mcu *m, const struct identify_request *req, int result,
                     const char *host_version) {
-        identify_apply_result(m, req->dict, result, req->timeout_ms, req->device_path, host_version);
+        if (req->katapult)
+                identify_apply_katapult(m, &req->katapult_info, result, req->device_path, host_version);
+        else
+                identify_apply_result(m, req->dict, result, req->timeout_ms, req->device_path, host_version);
 }
 
 /* ---- scheduling, on the main loop ------------------------------------- */
@@ -185,7 +218,8 @@ void daemon_start_identify(struct daemon *d, struct mcu *m) {
                 daemon_can_rescan(d, m->can_interface);
                 return;
         }
-        if (m->identifying || m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
+        if (m->identifying || m->link_busy || m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path) ||
+            m->transport_id == MCU_TRANSPORT_USB)
                 return;
         job = calloc(1, sizeof(*job));
         if (!job) {
@@ -218,6 +252,8 @@ int daemon_refresh_mcu(struct daemon *d, struct mcu *m) {
         }
         if (m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path))
                 return -ENODEV;
+        if (m->transport_id == MCU_TRANSPORT_USB)
+                return 1;       /* a bootloader device: udev told all there is */
         daemon_start_identify(d, m);
         return m->identifying ? 0 : -ENOMEM;
 }

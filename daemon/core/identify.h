@@ -9,6 +9,7 @@
 
 #include "core/mcu.h"
 #include "image/dictionary.h"
+#include "proto/katapult.h"
 #include "transport/transport.h"
 
 struct identify_request {
@@ -17,7 +18,9 @@ struct identify_request {
         char *device_path;
         unsigned baud;
         int timeout_ms;
-        struct klipper_dict *dict;      /* result on success */
+        bool katapult;                  /* ask Katapult (CONNECT), not Klipper */
+        struct klipper_dict *dict;      /* result on success (Klipper) */
+        struct katapult_info katapult_info; /* result on success (Katapult) */
 };
 
 int identify_request_new(const struct mcu *m, int timeout_ms, struct identify_request **ret);
@@ -36,6 +39,10 @@ int identify_run(void *userdata);
  * and recompute VersionMatchesHost against @host_version. */
 void identify_apply(struct mcu *m, const struct identify_request *req, int result,
                     const char *host_version);
+
+/* What Katapult's CONNECT told (@result >= 0) or why it failed. */
+void identify_apply_katapult(struct mcu *m, const struct katapult_info *info, int result,
+                             const char *where, const char *host_version);
 
 /* The same for an identify that ran elsewhere (e.g. over CAN): @dict when
  * @result >= 0; @where names the link in messages. */

@@ -90,6 +90,10 @@ struct mcu {
         char *devlinks;                 /* udev DEVLINKS, space separated */
         unsigned baud;                  /* UART speed, 0 = leave as is */
         unsigned can_nodeid;            /* node id the daemon gave it, 0 = none */
+        unsigned usb_busnum;            /* of a USB bootloader device */
+        unsigned usb_devnum;
+        bool speaks_katapult;           /* its link answers Katapult, not Klipper */
+        bool link_busy;                 /* a job's worker is using the link */
         bool identifying;
         uint64_t identify_generation;   /* bumped when a running identify becomes stale */
         uint64_t changed;               /* bitmask of enum mcu_prop */

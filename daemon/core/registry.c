@@ -27,8 +27,11 @@ struct registry *registry_free(struct registry *r) {
         return NULL;
 }
 
-void registry_set_observer(struct registry *r, const struct registry_observer *o) {
-        r->observer = *o;
+int registry_add_observer(struct registry *r, const struct registry_observer *o) {
+        if (r->n_observers >= REGISTRY_OBSERVERS_MAX)
+                return -ENOSPC;
+        r->observers[r->n_observers++] = *o;
+        return 0;
 }
 
 int registry_add(struct registry *r, struct mcu *m) {
@@ -52,8 +55,9 @@ int registry_add(struct registry *r, struct mcu *m) {
         r->mcus = n;
         r->mcus[r->n_mcus++] = m;
         m->changed = 0;
-        if (r->observer.added)
-                r->observer.added(r->observer.userdata, m);
+        for (size_t i = 0; i < r->n_observers; i++)
+                if (r->observers[i].added)
+                        r->observers[i].added(r->observers[i].userdata, m);
         return 0;
 }
 
@@ -63,16 +67,18 @@ void registry_commit(struct registry *r, struct mcu *m) {
         if (!mask)
                 return;
         m->changed = 0;
-        if (r->observer.changed)
-                r->observer.changed(r->observer.userdata, m, mask);
+        for (size_t i = 0; i < r->n_observers; i++)
+                if (r->observers[i].changed)
+                        r->observers[i].changed(r->observers[i].userdata, m, mask);
 }
 
 void registry_remove(struct registry *r, struct mcu *m) {
         for (size_t i = 0; i < r->n_mcus; i++) {
                 if (r->mcus[i] != m)
                         continue;
-                if (r->observer.removed)
-                        r->observer.removed(r->observer.userdata, m);
+                for (size_t k = 0; k < r->n_observers; k++)
+                        if (r->observers[k].removed)
+                                r->observers[k].removed(r->observers[k].userdata, m);
                 r->mcus[i] = r->mcus[--r->n_mcus];
                 mcu_free(m);
                 return;

@@ -19,17 +19,22 @@ struct registry_observer {
         void *userdata;
 };
 
+#define REGISTRY_OBSERVERS_MAX 2
+
 struct registry {
         struct mcu **mcus;
         size_t n_mcus;
-        struct registry_observer observer;
+        struct registry_observer observers[REGISTRY_OBSERVERS_MAX];
+        size_t n_observers;
 };
 
 int registry_new(struct registry **ret);
 struct registry *registry_free(struct registry *r);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct registry *, registry_free);
 
-void registry_set_observer(struct registry *r, const struct registry_observer *o);
+/* Add an observer (the D-Bus layer, running jobs); called in the order
+ * added.  -ENOSPC beyond REGISTRY_OBSERVERS_MAX. */
+int registry_add_observer(struct registry *r, const struct registry_observer *o);
 
 /* Take ownership of @m, give it its object path and announce it. On error
  * @m is freed. */

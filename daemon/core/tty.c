@@ -13,6 +13,7 @@
 
 #define KLIPPER_USB_VENDOR_ID 0x1d50
 #define KLIPPER_USB_PRODUCT_ID 0x614e
+#define KATAPULT_USB_PRODUCT_ID 0x6177
 /* Klipper's CONFIG_USB_SERIAL_NUMBER default, used when the chip has no id:
  * not unique, so such boards are identified by their USB port instead. */
 #define KLIPPER_DEFAULT_USB_SERIAL "12345"
@@ -34,10 +35,16 @@ static bool tty_is_klipper_usb(const struct udev_tty_info *info) {
                info->usb_product_id == KLIPPER_USB_PRODUCT_ID;
 }
 
+/* Katapult's USB CDC bootloader (same vendor id as Klipper). */
+static bool tty_is_katapult_usb(const struct udev_tty_info *info) {
+        return info->usb_vendor_id == KLIPPER_USB_VENDOR_ID &&
+               info->usb_product_id == KATAPULT_USB_PRODUCT_ID;
+}
+
 /* Is this tty one we watch: Klipper's USB id, named in printer.cfg, or
  * listed in SerialDevices=? */
 static bool daemon_tty_wanted(struct daemon *d, const struct udev_tty_info *info) {
-        if (tty_is_klipper_usb(info))
+        if (tty_is_klipper_usb(info) || tty_is_katapult_usb(info))
                 return true;
         if (d->printercfg &&
             printercfg_find_serial(d->printercfg, info->devnode, info->devlinks, info->usb_serial))
@@ -86,7 +93,8 @@ void daemon_tty_added(void *userdata, const struct udev_tty_info *info) {
                 m = registry_find_by_id(d->registry, id);
                 /* Two boards claiming one serial number: the second one is
                  * told apart by its port. */
-                if (m && m->state_id != MCU_STATE_OFFLINE && !isempty(info->usb_port)) {
+                if (m && !isempty(m->syspath) && !isempty(info->usb_port) &&
+                    (m->transport_id == MCU_TRANSPORT_USB_SERIAL || m->transport_id == MCU_TRANSPORT_SERIAL)) {
                         log_warning("%s and %s report the same USB serial %s; identifying %s by its port.",
                                     m->device_path, info->devnode, info->usb_serial, info->devnode);
                         free(id);
@@ -116,9 +124,16 @@ void daemon_tty_added(void *userdata, const struct udev_tty_info *info) {
         mcu_set_usb_ids(m, info->usb_vendor_id, info->usb_product_id);
         (void) mcu_set_string(m, MCU_PROP_USB_SERIAL, info->usb_serial);
         (void) mcu_set_string(m, MCU_PROP_USB_PORT, info->usb_port);
+        m->speaks_katapult = tty_is_katapult_usb(info);
+        if (m->speaks_katapult) {
+                (void) mcu_set_string(m, MCU_PROP_BOOTLOADER, "katapult");
+                (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Katapult");
+        }
         if (tty_is_klipper_usb(info)) {
                 /* Klipper's USB descriptors name the firmware and the chip;
                  * good to know even before (or without) identify. */
+                if (streq(m->firmware, "Katapult") || m->state_id == MCU_STATE_BOOTLOADER)
+                        (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Klipper");
                 if (isempty(m->firmware))
                         (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Klipper");
                 if (isempty(m->mcu_type) && !isempty(info->usb_product))

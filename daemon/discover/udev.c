@@ -1,5 +1,5 @@
 /* Implementation of udev.h with libudev: a "udev" netlink monitor filtered
- * on the tty subsystem, watched by the libevent loop, plus an enumeration
+ * on the tty subsystem and USB devices, watched by the libevent loop, plus an enumeration
  * for cold plug.  USB facts (ids, serial, port) come from udev properties
  * when present, else from the parent usb_device's sysfs attributes. */
 #include <errno.h>
@@ -42,11 +42,51 @@ static const char *prop_or_attr(struct udev_device *dev, struct udev_device *usb
         return v ?: "";
 }
 
+static unsigned parse_unsigned(const char *s) {
+        char *end;
+        unsigned long v;
+
+        if (isempty(s))
+                return 0;
+        errno = 0;
+        v = strtoul(s, &end, 10);
+        return errno || (*end && *end != '\n') || v > UINT32_MAX ? 0 : (unsigned) v;
+}
+
+static void report_usb_device(struct udev_discovery *u, struct udev_device *dev, const char *action) {
+        struct udev_usb_info info;
+
+        if (streq(action, "remove")) {
+                u->cb.usb_removed(u->cb.userdata, udev_device_get_syspath(dev));
+                return;
+        }
+        if (!streq(action, "add") && !streq(action, "change") && !streq(action, "bind"))
+                return;
+        info = (struct udev_usb_info) {
+                .syspath = udev_device_get_syspath(dev),
+                .devnode = udev_device_get_devnode(dev) ?: "",
+                .vendor_id = parse_hex16(prop_or_attr(dev, dev, "ID_VENDOR_ID", "idVendor")),
+                .product_id = parse_hex16(prop_or_attr(dev, dev, "ID_MODEL_ID", "idProduct")),
+                .serial = prop_or_attr(dev, dev, "ID_SERIAL_SHORT", "serial"),
+                .port = udev_device_get_sysname(dev) ?: "",
+                .manufacturer = prop_or_attr(dev, dev, "ID_VENDOR", "manufacturer"),
+                .product = prop_or_attr(dev, dev, "ID_MODEL", "product"),
+                .busnum = parse_unsigned(udev_device_get_sysattr_value(dev, "busnum")),
+                .devnum = parse_unsigned(udev_device_get_sysattr_value(dev, "devnum")),
+        };
+        u->cb.usb_added(u->cb.userdata, &info);
+}
+
 static void report_device(struct udev_discovery *u, struct udev_device *dev, const char *action) {
         struct udev_device *usb;
         struct udev_tty_info info;
         const char *devnode;
 
+        if (streq_ptr(udev_device_get_subsystem(dev), "usb")) {
+                if (streq_ptr(udev_device_get_devtype(dev), "usb_device"))
+                        report_usb_device(u, dev, action);
+                return;
+        }
         if (streq(action, "remove")) {
                 u->cb.tty_removed(u->cb.userdata, udev_device_get_syspath(dev));
                 return;
@@ -112,6 +152,9 @@ int udev_discovery_new(struct event_base *base, const struct udev_discovery_call
         r = udev_monitor_filter_add_match_subsystem_devtype(u->monitor, "tty", NULL);
         if (r < 0)
                 return r;
+        r = udev_monitor_filter_add_match_subsystem_devtype(u->monitor, "usb", "usb_device");
+        if (r < 0)
+                return r;
         r = udev_monitor_enable_receiving(u->monitor);
         if (r < 0)
                 return log_error_errno(r, "Cannot listen to udev events: %m");
@@ -143,6 +186,9 @@ int udev_discovery_enumerate(struct udev_discovery *u) {
         if (!e)
                 return -ENOMEM;
         r = udev_enumerate_add_match_subsystem(e, "tty");
+        if (r < 0)
+                return r;
+        r = udev_enumerate_add_match_subsystem(e, "usb");
         if (r < 0)
                 return r;
         r = udev_enumerate_scan_devices(e);

@@ -1,5 +1,5 @@
 /* udev discovery: cold-plug enumeration and a hotplug monitor of tty
- * devices.  It only translates udev devices into struct udev_tty_info and
+ * devices and of whole USB devices.  It only translates udev devices into struct udev_tty_info and
  * hands them to callbacks; deciding which ttys are MCUs is the daemon's
  * job.  Cold- and hot-plug share one code path. */
 #pragma once
@@ -21,9 +21,26 @@ struct udev_tty_info {
         const char *usb_product;
 };
 
+/* A whole USB device (DEVTYPE=usb_device): how bootloaders without a tty
+ * (ST ROM DFU, RP2040 BOOTSEL, …) appear. */
+struct udev_usb_info {
+        const char *syspath;
+        const char *devnode;            /* /dev/bus/usb/BBB/DDD */
+        uint16_t vendor_id;
+        uint16_t product_id;
+        const char *serial;             /* "" when none */
+        const char *port;               /* "1-1.3" */
+        const char *manufacturer;
+        const char *product;
+        unsigned busnum;
+        unsigned devnum;
+};
+
 struct udev_discovery_callbacks {
         void (*tty_added)(void *userdata, const struct udev_tty_info *info);
         void (*tty_removed)(void *userdata, const char *syspath);
+        void (*usb_added)(void *userdata, const struct udev_usb_info *info);
+        void (*usb_removed)(void *userdata, const char *syspath);
         void *userdata;
 };
 
@@ -34,5 +51,6 @@ int udev_discovery_new(struct event_base *base, const struct udev_discovery_call
 struct udev_discovery *udev_discovery_free(struct udev_discovery *u);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct udev_discovery *, udev_discovery_free);
 
-/* Report every tty present now through tty_added. */
+/* Report every tty and USB device present now through tty_added and
+ * usb_added. */
 int udev_discovery_enumerate(struct udev_discovery *u);

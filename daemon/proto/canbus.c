@@ -2,10 +2,10 @@
  * the admin messages on 0x3f0 (host → all nodes) and 0x3f1 (node → host),
  * node ids and the CAN ids derived from them, and the two exchanges the
  * daemon runs on an open CAN socket: discovery of unassigned nodes and
- * node id assignment.  Encoders and parsers are pure; the exchanges block
- * with a time limit and are meant for a worker thread.  Katapult's own
- * admin commands and bootloader requests are sent elsewhere; this file only
- * encodes the latter. */
+ * node id assignment, plus the admin frames around Katapult: bootloader
+ * requests and Katapult node ids.  Encoders and parsers are pure; the
+ * exchanges block with a time limit and are meant for a worker thread.
+ * Talking to Katapult itself over its node ids is proto/katapult.c's job. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,6 +75,19 @@ size_t canbus_encode_request_bootloader(uint8_t out[8], const uint8_t uuid[CANBU
         out[0] = CANBUS_CMD_REQUEST_BOOTLOADER;
         memcpy(out + 1, uuid, CANBUS_UUID_LEN);
         return 1 + CANBUS_UUID_LEN;
+}
+
+size_t canbus_encode_set_katapult_nodeid(uint8_t out[8], const uint8_t uuid[CANBUS_UUID_LEN], unsigned nodeid) {
+        out[0] = CANBUS_CMD_SET_KATAPULT_NODEID;
+        memcpy(out + 1, uuid, CANBUS_UUID_LEN);
+        out[1 + CANBUS_UUID_LEN] = (uint8_t) nodeid;      /* one byte on the wire */
+        return 2 + CANBUS_UUID_LEN;
+}
+
+size_t canbus_encode_clear_katapult_nodeid(uint8_t out[8]) {
+        memset(out, 0, 8);
+        out[0] = CANBUS_CMD_CLEAR_KATAPULT_NODEID;
+        return 1;
 }
 
 int canbus_parse_need_nodeid(const uint8_t *data, size_t len, struct canbus_node *ret) {
@@ -218,5 +231,61 @@ int canbus_set_klipper_nodeid(int fd, const uint8_t uuid[CANBUS_UUID_LEN], unsig
                 return log_debug_errno(r, "Failed to assign CAN node id %u to %s: %m", nodeid, uuid_string);
 
         log_debug("Assigned CAN node id %u to %s", nodeid, uuid_string);
+        return 0;
+}
+
+int canbus_request_bootloader(int fd, const uint8_t uuid[CANBUS_UUID_LEN]) {
+        char uuid_string[CANBUS_UUID_STRING_LEN];
+        uint8_t msg[8];
+        size_t len;
+        int r;
+
+        if (fd < 0 || !uuid)
+                return -EINVAL;
+
+        canbus_uuid_to_string(uuid, uuid_string);
+        len = canbus_encode_request_bootloader(msg, uuid);
+        r = canbus_send_admin(fd, msg, len);
+        if (r < 0)
+                return log_debug_errno(r, "Failed to send the bootloader request to %s: %m", uuid_string);
+
+        log_debug("Requested bootloader of CAN node %s", uuid_string);
+        return 0;
+}
+
+int canbus_set_katapult_nodeid(int fd, const uint8_t uuid[CANBUS_UUID_LEN], unsigned nodeid) {
+        char uuid_string[CANBUS_UUID_STRING_LEN];
+        uint8_t msg[8];
+        size_t len;
+        int r;
+
+        /* The message carries the id in one byte. */
+        if (fd < 0 || !uuid || nodeid > UINT8_MAX || nodeid > CANBUS_NODEID_MAX)
+                return -EINVAL;
+
+        canbus_uuid_to_string(uuid, uuid_string);
+        len = canbus_encode_set_katapult_nodeid(msg, uuid, nodeid);
+        r = canbus_send_admin(fd, msg, len);
+        if (r < 0)
+                return log_debug_errno(r, "Failed to assign Katapult node id %u to %s: %m", nodeid, uuid_string);
+
+        log_debug("Assigned Katapult node id %u to %s", nodeid, uuid_string);
+        return 0;
+}
+
+int canbus_clear_katapult_nodeids(int fd) {
+        uint8_t msg[8];
+        size_t len;
+        int r;
+
+        if (fd < 0)
+                return -EINVAL;
+
+        len = canbus_encode_clear_katapult_nodeid(msg);
+        r = canbus_send_admin(fd, msg, len);
+        if (r < 0)
+                return log_debug_errno(r, "Failed to clear Katapult node ids: %m");
+
+        log_debug("Cleared Katapult node ids");
         return 0;
 }

@@ -28,11 +28,20 @@
 /* Node ids whose CAN ids stay below the admin ids: 0x100 + 2·id + 1 < 0x3f0. */
 #define CANBUS_NODEID_MAX 375
 /* Klipper's host numbers its nodes from 4 (klippy/extras/canbus_ids.py);
- * Katapult's flashtool uses 128.  The daemon takes ids from its own range
- * so that it never collides with either. */
+ * Katapult's flashtool uses 128.  For Klipper nodes the daemon takes ids
+ * from its own range so that it never collides with either. */
 #define CANBUS_NODEID_KLIPPER_FIRST 4
 #define CANBUS_NODEID_DAEMON_FIRST 64
 #define CANBUS_NODEID_DAEMON_LAST 127
+/* The node id the daemon gives a Katapult node: flashtool's (CAN ids
+ * 0x200/0x201), since a node in its bootloader has one flasher at a time. */
+#define CANBUS_NODEID_KATAPULT 128
+
+/* flashtool's waits (protocols.md §5.5), for callers of the Katapult
+ * functions below: after a bootloader request until the node runs Katapult,
+ * and after clearing or assigning Katapult node ids. */
+#define CANBUS_BOOTLOADER_ENTRY_WAIT_MS 1000
+#define CANBUS_KATAPULT_NODEID_WAIT_MS 500
 
 struct canbus_node {
         uint8_t uuid[CANBUS_UUID_LEN];
@@ -48,6 +57,8 @@ int canbus_uuid_from_string(const char *s, uint8_t uuid[CANBUS_UUID_LEN]);
 size_t canbus_encode_query(uint8_t out[8]);
 size_t canbus_encode_set_klipper_nodeid(uint8_t out[8], const uint8_t uuid[CANBUS_UUID_LEN], unsigned nodeid);
 size_t canbus_encode_request_bootloader(uint8_t out[8], const uint8_t uuid[CANBUS_UUID_LEN]);
+size_t canbus_encode_set_katapult_nodeid(uint8_t out[8], const uint8_t uuid[CANBUS_UUID_LEN], unsigned nodeid);
+size_t canbus_encode_clear_katapult_nodeid(uint8_t out[8]);
 
 /* Parse a RESP_NEED_NODEID frame (id 0x3f1). 0 or -EBADMSG. */
 int canbus_parse_need_nodeid(const uint8_t *data, size_t len, struct canbus_node *ret);
@@ -70,3 +81,16 @@ int canbus_query(int fd, int listen_ms, bool *used, struct canbus_node **ret);
 /* Assign @nodeid to the node with @uuid (Klipper's SET_KLIPPER_NODEID).
  * The message carries the id in one byte: -EINVAL above 255. */
 int canbus_set_klipper_nodeid(int fd, const uint8_t uuid[CANBUS_UUID_LEN], unsigned nodeid);
+
+/* Ask the node with @uuid to reboot into its bootloader (Klipper's
+ * REQUEST_BOOTLOADER; honoured with or without a node id).  Only sends the
+ * frame: the node needs CANBUS_BOOTLOADER_ENTRY_WAIT_MS before Katapult
+ * answers.  0 or -errno. */
+int canbus_request_bootloader(int fd, const uint8_t uuid[CANBUS_UUID_LEN]);
+
+/* Assign @nodeid to the Katapult node with @uuid (SET_KATAPULT_NODEID);
+ * -EINVAL above 255 or CANBUS_NODEID_MAX. */
+int canbus_set_katapult_nodeid(int fd, const uint8_t uuid[CANBUS_UUID_LEN], unsigned nodeid);
+
+/* Make every Katapult node drop its node id (CLEAR_KATAPULT_NODEID). */
+int canbus_clear_katapult_nodeids(int fd);

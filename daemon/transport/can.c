@@ -23,8 +23,8 @@
 
 #include "proto/canbus.h"
 #include "shared/log.h"
-#include "shared/time-util.h"
 #include "transport/can.h"
+#include "transport/fdwait.h"
 
 /* How long a send waits before retrying when the interface's TX queue is
  * full (ENOBUFS): poll() cannot tell when room comes back, the socket
@@ -34,44 +34,9 @@
 /* At most this many queued frames are discarded by one flush. */
 #define CAN_FLUSH_MAX_FRAMES 4096
 
-/* A deadline for a timeout in ms; negative means wait forever. */
-static uint64_t deadline_after(int timeout_ms) {
-        return timeout_ms < 0 ? UINT64_MAX : now_msec() + (uint64_t) timeout_ms;
-}
-
-static int poll_timeout(uint64_t deadline) {
-        uint64_t now;
-
-        if (deadline == UINT64_MAX)
-                return -1;
-        now = now_msec();
-        return deadline > now ? (int) MIN(deadline - now, (uint64_t) INT32_MAX) : 0;
-}
-
-/* Wait until @fd is ready for @events or @deadline has passed, retrying
- * after signals.  Returns the revents (> 0), -ETIMEDOUT, -EBADF, -errno. */
-static int wait_ready(int fd, short events, uint64_t deadline) {
-        for (;;) {
-                struct pollfd p = { .fd = fd, .events = events };
-                int r;
-
-                r = poll(&p, 1, poll_timeout(deadline));
-                if (r < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (r == 0)
-                        return -ETIMEDOUT;
-                if (p.revents & POLLNVAL)
-                        return -EBADF;
-                return p.revents;
-        }
-}
-
 /* Sleep up to @ms, but not beyond @deadline.  -ETIMEDOUT once it has passed. */
 static int sleep_until_retry(unsigned ms, uint64_t deadline) {
-        int left = poll_timeout(deadline);
+        int left = deadline_poll_timeout(deadline);
 
         if (left == 0)
                 return -ETIMEDOUT;
@@ -145,7 +110,7 @@ int can_socket_open(const char *ifname, const uint32_t *ids, size_t n_ids) {
 }
 
 int can_socket_send(int fd, const struct can_frame_data *f, int timeout_ms) {
-        uint64_t deadline = deadline_after(timeout_ms);
+        uint64_t deadline = deadline_after_ms(timeout_ms);
         struct can_frame frame = {};
 
         if (fd < 0 || !f)
@@ -173,7 +138,7 @@ int can_socket_send(int fd, const struct can_frame_data *f, int timeout_ms) {
                 case EINTR:
                         continue;
                 case EAGAIN:
-                        r = wait_ready(fd, POLLOUT, deadline);
+                        r = fd_wait_ready(fd, POLLOUT, deadline);
                         if (r < 0)
                                 return r;
                         /* POLLERR: the pending socket error comes out of
@@ -195,7 +160,7 @@ static bool frame_is_plain_standard(const struct can_frame *frame) {
 }
 
 int can_socket_recv(int fd, struct can_frame_data *f, int timeout_ms) {
-        uint64_t deadline = deadline_after(timeout_ms);
+        uint64_t deadline = deadline_after_ms(timeout_ms);
 
         if (fd < 0 || !f)
                 return -EINVAL;
@@ -205,7 +170,7 @@ int can_socket_recv(int fd, struct can_frame_data *f, int timeout_ms) {
                 ssize_t n;
                 int revents;
 
-                revents = wait_ready(fd, POLLIN, deadline);
+                revents = fd_wait_ready(fd, POLLIN, deadline);
                 if (revents < 0)
                         return revents;
 
@@ -278,12 +243,12 @@ static size_t take_pending(struct can_stream_transport *s, uint8_t *buf, size_t 
 
 /* Receive the next data frame of our node (with data) within @timeout_ms. */
 static int can_stream_recv_frame(struct can_stream_transport *s, struct can_frame_data *f, int timeout_ms) {
-        uint64_t deadline = deadline_after(timeout_ms);
+        uint64_t deadline = deadline_after_ms(timeout_ms);
 
         for (;;) {
                 int r;
 
-                r = can_socket_recv(s->fd, f, poll_timeout(deadline));
+                r = can_socket_recv(s->fd, f, deadline_poll_timeout(deadline));
                 if (r < 0)
                         return map_interface_gone(r);
                 /* The socket filter already passes only rx_id; a socket
@@ -344,7 +309,7 @@ static ssize_t can_stream_read(struct transport *t, void *buf, size_t len, int t
 
 static int can_stream_write(struct transport *t, const void *buf, size_t len, int timeout_ms) {
         struct can_stream_transport *s = can_stream_from_transport(t);
-        uint64_t deadline = deadline_after(timeout_ms);
+        uint64_t deadline = deadline_after_ms(timeout_ms);
         const uint8_t *p = buf;
 
         for (size_t done = 0; done < len;) {
@@ -355,7 +320,7 @@ static int can_stream_write(struct transport *t, const void *buf, size_t len, in
                 int r;
 
                 memcpy(f.data, p + done, f.len);
-                r = can_socket_send(s->fd, &f, poll_timeout(deadline));
+                r = can_socket_send(s->fd, &f, deadline_poll_timeout(deadline));
                 if (r < 0)
                         return map_interface_gone(r);
                 done += f.len;

@@ -7,7 +7,11 @@
  * problems of that kind are logged at debug level and do not fail the open.
  * Device paths are used exactly as given: never canonicalised (realpath()
  * crashes on umockdev nodes, and udev's devnode is what callers compare).
- * Modem lines (DTR/RTS) and bootloader-entry tricks are not handled here. */
+ *
+ * Besides the transport, this file sends the two bootloader requests that
+ * go over a tty (protocols.md §4.1/§4.2): the USB CDC 1200 baud touch (the
+ * only place that touches DTR) and the UART magic string.  Other modem
+ * line tricks (AVR DTR resets) are not handled here. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -21,6 +25,7 @@
 #include <unistd.h>
 
 #include "shared/log.h"
+#include "transport/fdwait.h"
 #include "transport/holders.h"
 #include "transport/serial.h"
 #include "shared/time-util.h"
@@ -36,56 +41,20 @@ static struct serial_transport *serial_from_transport(struct transport *t) {
         return (struct serial_transport *) t;
 }
 
-/* A deadline for a timeout in ms; negative means wait forever. */
-static uint64_t deadline_after(int timeout_ms) {
-        return timeout_ms < 0 ? UINT64_MAX : now_msec() + (uint64_t) timeout_ms;
-}
-
-static int poll_timeout(uint64_t deadline) {
-        uint64_t now;
-
-        if (deadline == UINT64_MAX)
-                return -1;
-        now = now_msec();
-        return deadline > now ? (int) MIN(deadline - now, (uint64_t) INT32_MAX) : 0;
-}
-
 /* Errors by which a tty tells that the device behind it is gone. */
 static bool errno_is_gone(int error) {
         return error == EIO || error == ENXIO || error == ENODEV || error == EPIPE;
 }
 
-/* Wait until @fd is ready for @events (POLLIN or POLLOUT) or @deadline has
- * passed, retrying after signals.  Returns the revents (> 0), -ETIMEDOUT,
- * -EBADF for a closed fd, or -errno. */
-static int wait_ready(int fd, short events, uint64_t deadline) {
-        for (;;) {
-                struct pollfd p = { .fd = fd, .events = events };
-                int r;
-
-                r = poll(&p, 1, poll_timeout(deadline));
-                if (r < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (r == 0)
-                        return -ETIMEDOUT;
-                if (p.revents & POLLNVAL)
-                        return -EBADF;
-                return p.revents;
-        }
-}
-
 static ssize_t serial_read(struct transport *t, void *buf, size_t len, int timeout_ms) {
         struct serial_transport *s = serial_from_transport(t);
-        uint64_t deadline = deadline_after(timeout_ms);
+        uint64_t deadline = deadline_after_ms(timeout_ms);
 
         for (;;) {
                 ssize_t n;
                 int revents;
 
-                revents = wait_ready(s->fd, POLLIN, deadline);
+                revents = fd_wait_ready(s->fd, POLLIN, deadline);
                 if (revents < 0)
                         return revents;
 
@@ -107,7 +76,7 @@ static ssize_t serial_read(struct transport *t, void *buf, size_t len, int timeo
 
 static int serial_write(struct transport *t, const void *buf, size_t len, int timeout_ms) {
         struct serial_transport *s = serial_from_transport(t);
-        uint64_t deadline = deadline_after(timeout_ms);
+        uint64_t deadline = deadline_after_ms(timeout_ms);
         const uint8_t *p = buf;
         size_t done = 0;
 
@@ -129,7 +98,7 @@ static int serial_write(struct transport *t, const void *buf, size_t len, int ti
                                 return -errno;
                 }
 
-                revents = wait_ready(s->fd, POLLOUT, deadline);
+                revents = fd_wait_ready(s->fd, POLLOUT, deadline);
                 if (revents < 0)
                         return revents;
                 if (revents & (POLLHUP | POLLERR))
@@ -331,6 +300,136 @@ int serial_transport_open(const char *path, unsigned baud, struct transport **re
         s->fd = TAKE_FD(fd);
 
         *ret = &s->transport;
+        return 0;
+}
+
+/* A failed tty call during the 1200 baud touch: the device resetting under
+ * us (what the touch is for) is success, ENOTTY/EINVAL (ptys, emulated
+ * ttys) are skipped when @optional, anything else fails the touch. */
+static int touch_error(const char *path, const char *what, int error, bool optional, bool *gone) {
+        if (errno_is_gone(error)) {
+                log_debug_errno(error, "%s: device went away at %s, taking that as the reboot: %m", path, what);
+                *gone = true;
+                return 0;
+        }
+        if (optional && (error == ENOTTY || error == EINVAL)) {
+                log_debug_errno(error, "%s: %s not supported here, continuing: %m", path, what);
+                return 0;
+        }
+        return log_debug_errno(error ?: EIO, "%s: %s failed: %m", path, what);
+}
+
+int serial_request_bootloader_usb(const char *path) {
+        _cleanup_close_ int fd = -1;
+        struct termios tio;
+        char comm[32] = "";
+        pid_t holder = 0;
+        int exclusive = 0, dtr = TIOCM_DTR, r;
+        bool gone = false;
+
+        if (!path)
+                return -EINVAL;
+
+        /* The same refusals as serial_transport_open(): a port in use is
+         * never touched, not even opened (an open may toggle DTR). */
+        r = tty_find_holder(path, &holder, comm, sizeof(comm));
+        if (r > 0)
+                return log_debug_errno(EBUSY, "%s: port is open in process %d (%s), not touching it", path,
+                                       (int) holder, comm);
+        if (r < 0 && r != -ENOTTY)
+                return log_debug_errno(r, "%s: cannot examine port: %m", path);
+
+        fd = open(path, O_RDWR | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) {
+                if (errno == EBUSY)
+                        return log_debug_errno(EBUSY, "%s: port is held exclusively by another process", path);
+                return log_debug_errno(errno ?: EIO, "%s: failed to open: %m", path);
+        }
+
+        if (flock(fd, LOCK_EX | LOCK_NB) < 0 && errno == EWOULDBLOCK)
+                return log_debug_errno(EBUSY, "%s: port is locked by another process", path);
+#ifdef TIOCGEXCL
+        if (ioctl(fd, TIOCGEXCL, &exclusive) >= 0 && exclusive)
+                return log_debug_errno(EBUSY, "%s: port is held exclusively by another process", path);
+#endif
+
+        /* DTR up, 1200 baud, DTR down: the MCU reboots on the last step,
+         * seeing 1200 baud with DTR clear. */
+        if (ioctl(fd, TIOCMBIS, &dtr) < 0) {
+                r = touch_error(path, "raising DTR", errno, true, &gone);
+                if (r < 0 || gone)
+                        return r;
+        }
+
+        if (tcgetattr(fd, &tio) < 0) {
+                r = touch_error(path, "tcgetattr", errno, false, &gone);
+                if (r < 0 || gone)
+                        return r;
+        }
+        (void) cfsetispeed(&tio, B1200);
+        (void) cfsetospeed(&tio, B1200);
+        if (tcsetattr(fd, TCSANOW, &tio) < 0) {
+                r = touch_error(path, "setting 1200 baud", errno, false, &gone);
+                if (r < 0 || gone)
+                        return r;
+        }
+
+        if (ioctl(fd, TIOCMBIC, &dtr) < 0) {
+                r = touch_error(path, "dropping DTR", errno, true, &gone);
+                if (r < 0 || gone)
+                        return r;
+        }
+
+        log_debug("%s: sent the 1200 baud touch", path);
+        return 0;
+}
+
+/* Wait until the tty's output queue is empty, at most @timeout_ms.  Closing
+ * a UART waits for its last bytes anyway; this only bounds how long that can
+ * take.  0, -ETIMEDOUT, -ENODEV; ttys that cannot tell count as drained. */
+static int wait_output_drained(int fd, int timeout_ms) {
+        uint64_t deadline = deadline_after_ms(timeout_ms);
+
+        for (;;) {
+                int queued = 0;
+
+                if (ioctl(fd, TIOCOUTQ, &queued) < 0) {
+                        if (errno_is_gone(errno))
+                                return -ENODEV;
+                        return 0;
+                }
+                if (queued <= 0)
+                        return 0;
+                if (now_msec() >= deadline)
+                        return -ETIMEDOUT;
+                (void) poll(NULL, 0, 1);
+        }
+}
+
+/* How long writing and draining the UART bootloader request may take: 33
+ * bytes need 1.3 ms at 250000 baud and 280 ms at 1200. */
+#define UART_REQUEST_TIMEOUT_MS 1000
+
+int serial_request_bootloader_uart(const char *path, unsigned baud) {
+        _cleanup_(transport_freep) struct transport *t = NULL;
+        int r;
+
+        if (!path)
+                return -EINVAL;
+
+        r = serial_transport_open(path, baud, &t);
+        if (r < 0)
+                return r;
+
+        r = transport_write(t, SERIAL_BOOTLOADER_REQUEST, SERIAL_BOOTLOADER_REQUEST_LEN, UART_REQUEST_TIMEOUT_MS);
+        if (r < 0)
+                return log_debug_errno(r, "%s: failed to send the bootloader request: %m", path);
+
+        r = wait_output_drained(serial_from_transport(t)->fd, UART_REQUEST_TIMEOUT_MS);
+        if (r < 0)
+                return log_debug_errno(r, "%s: bootloader request did not go out: %m", path);
+
+        log_debug("%s: sent the serial bootloader request at %u baud", path, baud);
         return 0;
 }
 

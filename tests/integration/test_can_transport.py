@@ -29,6 +29,7 @@ import can_node  # noqa: E402
 
 DAEMON_SOURCES = [
     "daemon/transport/can.c",
+    "daemon/transport/fdwait.c",
     "daemon/proto/canbus.c",
     "daemon/proto/klipper.c",
     "daemon/image/dictionary.c",

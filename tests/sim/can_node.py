@@ -28,14 +28,15 @@ With a node id the node streams its protocol over CAN ids 0x100+2*id
     get_canbus_id included), get_uptime, get_clock, get_config,
     get_canbus_id, clear_shutdown; in shutdown other commands get
     "is_shutdown".
-  * Katapult (§5): frames 01 88 cmd nwords payload crc 99 03, NACK once on
-    malformed input, CONNECT (protocol version, application start, block
-    size, MCU, Katapult version), GET_CANBUS_ID, SEND_BLOCK, SEND_EOF,
-    REQUEST_BLOCK against an in-memory flash (erased = 0xFF), COMPLETE
-    (boots the application 0.1 s later: the flashed image if it contains
-    a Klipper dictionary, else the previous Klipper application if there
-    was one; without an application it stays in Katapult), COMMAND_ERROR
-    for anything else.
+  * Katapult (§5), with katapult_core.KatapultCore doing the protocol:
+    frames 01 88 cmd nwords payload crc 99 03, NACK once on malformed
+    input, CONNECT (protocol version, application start, block size, MCU,
+    Katapult version), GET_CANBUS_ID, SEND_BLOCK, SEND_EOF, REQUEST_BLOCK
+    against an in-memory flash (erased = 0xFF), COMPLETE (boots the
+    application 0.1 s later: the flashed image if it contains a Klipper
+    dictionary, else the previous Klipper application if there was one;
+    without an application it stays in Katapult), COMMAND_ERROR for
+    anything else.
 Faults (set_fault() changes them later): "silent" (records everything,
 answers nothing, not even queries), "garbage" (answers every input of its
 data stream with random bytes; the admin channel stays correct),
@@ -57,7 +58,6 @@ import argparse
 import json
 import os
 import random
-import select
 import signal
 import socket
 import struct
@@ -68,12 +68,14 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import canhub  # noqa: E402
+import katapult_core  # noqa: E402
 import klipper_dict  # noqa: E402
 import klipper_proto  # noqa: E402
 from klipper_proto import build_block  # noqa: E402
+from simthread import ThreadedSim  # noqa: E402
 
 DEFAULT_VERSION = "v0.13.0-46-g8c72b4a5"
-DEFAULT_KATAPULT_VERSION = "v0.0.1-95-g2b22438"
+DEFAULT_KATAPULT_VERSION = katapult_core.DEFAULT_KATAPULT_VERSION
 DEFAULT_MCU = "stm32g0b1xx"
 
 ADMIN_ID = 0x3F0
@@ -97,21 +99,26 @@ ADMIN_NAMES = {
 }
 CONFLICT_REASON = "Another CAN node assigned this ID"
 
-# Katapult (protocols.md §5)
-KATAPULT_CONNECT = 0x11
-KATAPULT_SEND_BLOCK = 0x12
-KATAPULT_SEND_EOF = 0x13
-KATAPULT_REQUEST_BLOCK = 0x14
-KATAPULT_COMPLETE = 0x15
-KATAPULT_GET_CANBUS_ID = 0x16
-KATAPULT_ACK = 0xA0
-KATAPULT_NACK = 0xF1
-KATAPULT_COMMAND_ERROR = 0xF2
-KATAPULT_BUSY = 0xF3
-KATAPULT_PROTO_VERSION = 0x00010100
-KATAPULT_MESSAGE_MIN = 8
-KATAPULT_MESSAGE_MAX = 128
-KATAPULT_COMPLETE_DELAY = 0.1
+# Katapult (protocols.md §5): the protocol lives in katapult_core.py; these
+# names stay for the tests and tools that use them.
+KATAPULT_CONNECT = katapult_core.CONNECT
+KATAPULT_SEND_BLOCK = katapult_core.SEND_BLOCK
+KATAPULT_SEND_EOF = katapult_core.SEND_EOF
+KATAPULT_REQUEST_BLOCK = katapult_core.REQUEST_BLOCK
+KATAPULT_COMPLETE = katapult_core.COMPLETE
+KATAPULT_GET_CANBUS_ID = katapult_core.GET_CANBUS_ID
+KATAPULT_ACK = katapult_core.ACK
+KATAPULT_NACK = katapult_core.NACK
+KATAPULT_COMMAND_ERROR = katapult_core.COMMAND_ERROR
+KATAPULT_BUSY = katapult_core.BUSY
+KATAPULT_PROTO_VERSION = katapult_core.PROTO_VERSION
+KATAPULT_MESSAGE_MIN = katapult_core.MESSAGE_MIN
+KATAPULT_MESSAGE_MAX = katapult_core.MESSAGE_MAX
+KATAPULT_COMPLETE_DELAY = katapult_core.COMPLETE_DELAY
+katapult_frame = katapult_core.frame
+_pad_words = katapult_core.pad_words
+parse_connect_payload = katapult_core.parse_connect_payload
+find_klipper_dictionary = katapult_core.find_klipper_dictionary
 
 # Commands the firmware accepts while shut down (HF_IN_SHUTDOWN).
 KLIPPER_IN_SHUTDOWN = {"identify", "get_uptime", "get_clock", "get_config", "get_canbus_id",
@@ -155,46 +162,6 @@ def node_tx_id(nodeid):
     return NODEID_BASE + 2 * nodeid + 1
 
 
-def katapult_frame(cmd, payload=b""):
-    """One Katapult frame (§5.1); @payload is padded to whole words."""
-    payload = bytes(payload)
-    if len(payload) % 4:
-        payload += b"\0" * (4 - len(payload) % 4)
-    body = bytes([cmd, len(payload) // 4]) + payload
-    return b"\x01\x88" + body + struct.pack("<H", klipper_proto.crc16(body)) + b"\x99\x03"
-
-
-def _pad_words(data):
-    return data + b"\0" * (-len(data) % 4)
-
-
-def parse_connect_payload(payload):
-    """The CONNECT ACK payload (after the echoed command word) as a dict."""
-    proto, start, block_size = struct.unpack_from("<III", payload)
-    strings = [s.decode(errors="replace") for s in payload[12:].split(b"\0") if s]
-    return {"proto_version": proto, "app_start": start, "block_size": block_size,
-            "mcu": strings[0] if strings else "",
-            "version": strings[1] if len(strings) > 1 else ""}
-
-
-def find_klipper_dictionary(image):
-    """JSON text of the first Klipper data dictionary in a flat image
-    (§15.2: every 78 DA that inflates to JSON with app Klipper, or with
-    version and commands), or None."""
-    pos = image.find(b"\x78\xda")
-    while pos >= 0:
-        try:
-            text = zlib.decompressobj().decompress(image[pos:]).decode()
-            parsed = json.loads(text)
-            if isinstance(parsed, dict) and (parsed.get("app") == "Klipper" or
-                                             ("version" in parsed and "commands" in parsed)):
-                return text
-        except (zlib.error, UnicodeDecodeError, ValueError):
-            pass
-        pos = image.find(b"\x78\xda", pos + 1)
-    return None
-
-
 def can_dictionary(version, mcu, build_versions=None, canbus_frequency=1000000, bridge=False):
     """(json, compressed) of a CAN build: klipper_dict's dictionary plus the
     canserial static string a CAN build has."""
@@ -209,7 +176,7 @@ def can_dictionary(version, mcu, build_versions=None, canbus_frequency=1000000, 
     return text, zlib.compress(text.encode(), 9)
 
 
-class CanNode:
+class CanNode(ThreadedSim):
     """One simulated node; use KlipperCanNode or KatapultCanNode.
 
     Recorded for assertions (read under .lock or after wait_for):
@@ -230,6 +197,7 @@ class CanNode:
                  app_start=0x08002000, block_size=64, page_size=2048, reboot_delay=0.1,
                  assigned_by_klipper=None, fault=None, dictionary=None, seed=None, log=None,
                  on_mode_change=None, name=None):
+        super().__init__()
         self.hub_path = hub_path
         self.iface = iface
         self.uuid = parse_uuid(uuid)
@@ -247,7 +215,6 @@ class CanNode:
         self.on_mode_change = on_mode_change
         self.name = name or "%s-%s" % (mode, self.uuid.hex())
         self.random = random.Random(seed)
-        self.lock = threading.Condition()
         self.fault, self.fault_arg = parse_fault(fault)
 
         # The Klipper application this node runs (None: no application).
@@ -280,14 +247,20 @@ class CanNode:
         self.requests = 0
         self.pages_written = 0
         self._timers = []               # (deadline, callable) run in the thread
+        # Katapult's command processor; it counts into this node's
+        # naks_sent/responses_sent/requests/pages_written and writes flash.
+        self.katapult = katapult_core.KatapultCore(
+            mcu, app_start=app_start, block_size=block_size, page_size=page_size,
+            katapult_version=katapult_version, proto_version=proto_version,
+            canbus_uuid=self.uuid, flash=self.flash, commands=self.katapult_commands,
+            stats=self, random=self.random,
+            on_complete=lambda: self._schedule(KATAPULT_COMPLETE_DELAY, self._boot_application),
+            log=self._debug)
         self._reset_state(mode)
         if assigned_by_klipper is not None:
             self.nodeid = int(assigned_by_klipper)
 
         self._sock = None
-        self._thread = None
-        self._stopping = False
-        self._wake_r = self._wake_w = -1
 
     # -- control ---------------------------------------------------------
 
@@ -300,25 +273,13 @@ class CanNode:
                 text += " "
             sock.send(text.encode())
         self._sock = sock
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread = threading.Thread(target=self._run, name="can-node-" + self.name,
-                                        daemon=True)
-        self._thread.start()
+        self._open_wake_pipe()
+        self._start_thread("can-node-" + self.name)
         return self
 
     def stop(self):
-        if self._thread is not None:
-            self._stopping = True
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-            self._thread.join(5)
-            self._thread = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        self._stop_thread()
+        self._close_wake_pipe()
         if self._sock is not None:
             try:
                 self._sock.send(b"BYE")
@@ -327,28 +288,11 @@ class CanNode:
             self._sock.close()
             self._sock = None
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
     def set_fault(self, fault):
         with self.lock:
             self.fault, self.fault_arg = parse_fault(fault)
             self.disconnected = False
             self.handled = 0
-
-    def wait_for(self, predicate, timeout=5.0):
-        """Wait until predicate(self) is true (re-checked on every event)."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while not predicate(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.lock.wait(left)
-            return True
 
     def received(self, name):
         """Accepted Klipper messages called @name (list of param dicts)."""
@@ -363,11 +307,7 @@ class CanNode:
     def image(self):
         """The flashed bytes from app_start to the end of the highest block."""
         with self.lock:
-            if not self.flash:
-                return b""
-            end = max(self.flash) + self.block_size
-            return b"".join(self.flash.get(a, b"\xff" * self.block_size)
-                            for a in range(self.app_start, end, self.block_size))
+            return self.katapult.image()
 
     @property
     def uuid_hex(self):
@@ -400,11 +340,7 @@ class CanNode:
         self.nodeid = None
         self.next_seq = 0
         self.decoder = klipper_proto.StreamDecoder()
-        self.katapult_buf = bytearray()
-        self.katapult_need_sync = False
-        self.katapult_nack_sent = False
-        self.katapult_in_transfer = False
-        self.transfer_pages = set()
+        self.katapult.reset()
         self.is_shutdown = False
         self.started_at = time.monotonic()
 
@@ -415,9 +351,7 @@ class CanNode:
     # -- thread ------------------------------------------------------------
 
     def _run(self):
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller = self._poller(self._sock.fileno())
         while not self._stopping:
             with self.lock:
                 now = time.monotonic()
@@ -428,11 +362,8 @@ class CanNode:
                 if due:
                     self.lock.notify_all()
                 timeout = min((t[0] for t in self._timers), default=now + 1.0) - now
-            try:
-                events = dict(poller.poll(max(0, int(timeout * 1000) + 1)))
-            except InterruptedError:
-                continue
-            if self._wake_r in events or self._stopping:
+            events = self._poll(poller, max(0, int(timeout * 1000) + 1))
+            if events is None:
                 break
             if not events:
                 continue
@@ -632,108 +563,19 @@ class CanNode:
 
     def _katapult_input(self, data, out):
         self.rx_bytes += len(data)
-        self.katapult_buf += data
-        stream = bytearray()
-        buf = self.katapult_buf
-        while buf:
-            if self.katapult_need_sync:
-                # Resynchronise on the next header byte.
-                idx = buf.find(b"\x01")
-                if idx < 0:
-                    del buf[:]
-                    break
-                del buf[:idx]
-                self.katapult_need_sync = False
-                continue
-            if len(buf) < KATAPULT_MESSAGE_MIN:
-                break
-            length = buf[3] * 4 + 8
-            limit = max(KATAPULT_MESSAGE_MAX, self.block_size + 16)
-            if buf[0] != 0x01 or buf[1] != 0x88 or length > limit:
-                self._katapult_error(stream)
-                continue
-            if len(buf) < length:
-                break
-            frame = bytes(buf[:length])
-            crc = frame[length - 4] | frame[length - 3] << 8
-            if frame[-2:] != b"\x99\x03" or klipper_proto.crc16(frame[2:length - 4]) != crc:
-                self._katapult_error(stream)
-                continue
-            del buf[:length]
-            self.katapult_nack_sent = False
-            if self.fault == "garbage":
-                stream += bytes(self.random.choice([b for b in range(256) if b != 0x01])
-                                for _ in range(self.random.randint(8, 40)))
-                continue
-            stream += self._katapult_dispatch(frame[2], frame[4:length - 4])
-        self._stream(out, stream)
-
-    def _katapult_error(self, stream):
-        del self.katapult_buf[0]        # the start of the bad frame
-        self.katapult_need_sync = True
-        if not self.katapult_nack_sent:
-            self.katapult_nack_sent = True
-            self.naks_sent += 1
-            stream += katapult_frame(KATAPULT_NACK)
-
-    def _katapult_ack(self, cmd, extra=b""):
-        self.responses_sent += 1
-        return katapult_frame(KATAPULT_ACK, struct.pack("<I", cmd) + extra)
-
-    def _katapult_dispatch(self, cmd, payload):
-        self.katapult_commands.append((cmd, bytes(payload)))
-        self.requests += 1
-        self._debug("katapult command 0x%02x, %d bytes", cmd, len(payload))
-        if cmd == KATAPULT_CONNECT:
-            extra = struct.pack("<III", self.proto_version, self.app_start, self.block_size)
-            extra += _pad_words(self.mcu.encode())
-            if self.proto_version >= 0x00010100:
-                extra += b"\0\0\0\0" + _pad_words(self.katapult_version.encode())
-            return self._katapult_ack(cmd, extra)
-        if cmd == KATAPULT_GET_CANBUS_ID:
-            return self._katapult_ack(cmd, self.uuid + b"\0\0")
-        if cmd == KATAPULT_SEND_BLOCK:
-            self.katapult_in_transfer = True
-            if len(payload) != 4 + self.block_size:
-                return katapult_frame(KATAPULT_COMMAND_ERROR)
-            address = struct.unpack_from("<I", payload)[0]
-            if address < self.app_start or (address - self.app_start) % self.block_size:
-                return katapult_frame(KATAPULT_COMMAND_ERROR)
-            self.flash[address] = bytes(payload[4:])
-            self.transfer_pages.add(address // self.page_size)
-            return self._katapult_ack(cmd, struct.pack("<I", address))
-        if cmd == KATAPULT_SEND_EOF:
-            self.katapult_in_transfer = False
-            pages = len(self.transfer_pages)
-            self.pages_written += pages
-            self.transfer_pages = set()
-            return self._katapult_ack(cmd, struct.pack("<I", pages))
-        if cmd == KATAPULT_REQUEST_BLOCK:
-            if len(payload) < 4:
-                return katapult_frame(KATAPULT_COMMAND_ERROR)
-            self.katapult_in_transfer = True
-            address = struct.unpack_from("<I", payload)[0]
-            block = self.flash.get(address, b"\xff" * self.block_size)
-            return self._katapult_ack(cmd, struct.pack("<I", address) + block)
-        if cmd == KATAPULT_COMPLETE:
-            self._schedule(KATAPULT_COMPLETE_DELAY, self._boot_application)
-            return self._katapult_ack(cmd)
-        return katapult_frame(KATAPULT_COMMAND_ERROR)
+        self.katapult.garbage = self.fault == "garbage"
+        self._stream(out, self.katapult.feed(data))
 
     def _boot_application(self):
         """What Katapult's application_jump leads to."""
-        if self.flash:
-            dictionary = find_klipper_dictionary(self.image())
-            if dictionary is None:
-                self._debug("flashed image has no Klipper dictionary: foreign firmware")
-                self._reboot("foreign", delay=0)
-                return
-            self._load_app(dictionary)
-        if self.app_dictionary is None:
+        mode, dictionary = self.katapult.boot_target(self.app_dictionary)
+        if mode == "foreign":
+            self._debug("flashed image has no Klipper dictionary: foreign firmware")
+        elif mode == "katapult":
             self._debug("no application: staying in Katapult")
-            self._reboot("katapult", delay=0)
-            return
-        self._reboot("klipper", delay=0)
+        elif dictionary is not self.app_dictionary:
+            self._load_app(dictionary)
+        self._reboot(mode, delay=0)
 
 
 class KlipperCanNode(CanNode):

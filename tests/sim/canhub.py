@@ -78,6 +78,9 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from simthread import ThreadedSim  # noqa: E402
+
 HEADER_SIZE = 16
 CAN_MTU = 16
 CANFD_MTU = 72
@@ -204,7 +207,7 @@ class _Client:
                 "received": self.received}
 
 
-class CanHub:
+class CanHub(ThreadedSim):
     """The hub, serving @path from a thread.
 
     ifaces  interfaces present from the start, up: names or (name, bitrate)
@@ -214,17 +217,14 @@ class CanHub:
     def __init__(self, path, ifaces=(), log=None):
         if len(socket_address(path).encode()) >= 108:
             raise ValueError("hub socket path %r is too long for AF_UNIX" % path)
+        super().__init__()
         self.path = path
         self.log = log
-        self.lock = threading.Condition()
         self.frames = []                        # every Frame, dropped ones included
         self._ifaces = collections.OrderedDict()  # name -> {"up": bool, "bitrate": int}
         self._clients = {}                      # address -> _Client
         self._names = {}                        # address -> name, kept after a client left
         self._sock = None
-        self._thread = None
-        self._stopping = False
-        self._wake_r = self._wake_w = -1
         for entry in ifaces:
             name, bitrate = (entry, DEFAULT_BITRATE) if isinstance(entry, str) else entry
             self._ifaces[name] = {"up": True, "bitrate": int(bitrate)}
@@ -246,25 +246,13 @@ class CanHub:
             except OSError:
                 continue
         self._sock = sock
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="canhub", daemon=True)
-        self._thread.start()
+        self._open_wake_pipe()
+        self._start_thread("canhub")
         return self
 
     def stop(self):
-        if self._thread is not None:
-            self._stopping = True
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-            self._thread.join(5)
-            self._thread = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        self._stop_thread()
+        self._close_wake_pipe()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -273,12 +261,6 @@ class CanHub:
                     os.unlink(self.path)
                 except OSError:
                     pass
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # -- interfaces --------------------------------------------------------
 
@@ -358,17 +340,6 @@ class CanHub:
             return sum(1 for c in self._clients.values() if c.watcher and
                        (include_shim or not c.name().startswith("canshim-watch")))
 
-    def wait_for(self, predicate, timeout=5.0):
-        """Wait until predicate(self) is true (re-checked on every event)."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while not predicate(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.lock.wait(left)
-            return True
-
     # -- thread ----------------------------------------------------------
 
     def _debug(self, fmt, *args):
@@ -376,15 +347,10 @@ class CanHub:
             self.log("canhub: " + (fmt % args if args else fmt))
 
     def _run(self):
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller = self._poller(self._sock.fileno())
         while not self._stopping:
-            try:
-                events = dict(poller.poll(1000))
-            except InterruptedError:
-                continue
-            if self._wake_r in events or self._stopping:
+            events = self._poll(poller, 1000)
+            if events is None:
                 break
             if not events:
                 continue

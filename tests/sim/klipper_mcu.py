@@ -12,14 +12,35 @@ recorded but gets no reply, and an unknown id is recorded as "#unknown".
 
 Everything received is recorded for assertions: rx_bytes, the decoded
 messages of accepted blocks, naks/acks sent.  Faults make it misbehave
-(see FAULTS).  It does not model the 1200-baud bootloader touch, shutdown
-state or Klipper's move queue; the pty slave is made raw through the master
-(on Linux, termios calls on a pty master act on the slave), so no byte is
-mangled even for hosts that set no termios.
+(see FAULTS).  The pty slave is made raw through the master (on Linux,
+termios calls on a pty master act on the slave), so no byte is mangled
+even for hosts that set no termios.
+
+Bootloader requests (protocols.md §4) arrive the way the firmware gets them:
+  * link "usb": the USB CDC "1200 baud touch".  A pty has no
+    SET_LINE_CODING, but termios.tcgetattr() on the master shows the speed
+    the host set on the slave, so the thread looks at it every
+    touch_interval seconds (20 ms) and takes a change to B1200 as the
+    request.  DTR cannot be seen on a pty (TIOCMBIC fails there), so the
+    speed alone decides.
+  * link "serial": the UART magic string " \x1c Request Serial
+    Bootloader!! ~", when it is exactly what the firmware's block finder
+    discards as one malformed block (serial_irq.c console_task: pop_count
+    32 and the bytes match), i.e. it arrives between two 0x7e.
+On a request (and bootloader_request=True, the firmware's
+HAVE_BOOTLOADER_REQUEST) the MCU "resets": bootloader_requested becomes
+True, bootloader_request_how says which way it came, nothing is answered
+any more (rebooting; input is read and dropped, reset() ends that) and
+on_bootloader_request(sim, how) runs in the simulator's thread, without
+its lock; whoever set it (the test harness) plugs the bootloader.  With
+bootloader_request=False the request is only recorded in
+ignored_bootloader_requests and the firmware carries on.  It does not
+model shutdown state or Klipper's move queue.
 
 host_identify() is a small reference host (the identify exchange as
 protocols.md §1.5 describes a minimal client) for tests of the simulator
-and of the harness.
+and of the harness; touch_1200() and send_serial_bootloader_request() are
+the host side of the two bootloader requests.
 
 Command line: serve a fresh pty whose slave is symlinked to PATH until
 killed, or act as the host against a device:
@@ -36,6 +57,7 @@ import os
 import random
 import select
 import signal
+import struct
 import sys
 import termios
 import threading
@@ -47,8 +69,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import klipper_dict  # noqa: E402
 import klipper_proto  # noqa: E402
 from klipper_proto import build_block  # noqa: E402
+from simthread import ThreadedSim  # noqa: E402
 
 DEFAULT_VERSION = "v0.13.0-46-g8c72b4a5"
+
+# protocols.md §4.2: what the firmware compares a discarded block with, and
+# what hosts send (a leading 0x7e ends whatever came before).
+SERIAL_BOOTLOADER_MAGIC = b" \x1c Request Serial Bootloader!! ~"
+SERIAL_BOOTLOADER_REQUEST = b"~" + SERIAL_BOOTLOADER_MAGIC
+TOUCH_INTERVAL = 0.02
 
 # fault string -> meaning (":N" sets the argument where one is listed)
 FAULTS = {
@@ -63,6 +92,22 @@ FAULTS = {
 }
 
 
+class FirmwareDecoder(klipper_proto.StreamDecoder):
+    """StreamDecoder that also keeps what the firmware's block finder pops
+    as one malformed block (everything up to and including the next 0x7e),
+    so the UART magic string can be recognised the way serial_irq.c does."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = []
+
+    def _skip_to_sync(self):
+        idx = self.buf.find(bytes([klipper_proto.MESSAGE_SYNC]))
+        if idx >= 0:
+            self.dropped.append(bytes(self.buf[:idx + 1]))
+        return super()._skip_to_sync()
+
+
 def parse_fault(fault):
     """'crc:3' -> ('crc', 3); None -> (None, None)."""
     if not fault:
@@ -73,7 +118,7 @@ def parse_fault(fault):
     return name, int(arg) if arg else None
 
 
-class KlipperMcu:
+class KlipperMcu(ThreadedSim):
     """Simulated Klipper MCU serving pty master @fd from a thread.
 
     fd          pty master (umockdev: testbed.get_dev_fd(); standalone: os.openpty()[0])
@@ -83,15 +128,24 @@ class KlipperMcu:
     fault       see FAULTS; can be changed later with set_fault()
     start_seq   next expected host seq (0 = freshly reset MCU)
     own_fd      close @fd on stop() (the standalone CLI owns its pty)
-    dictionary  JSON text to serve instead of a generated one
+    dictionary  JSON text to serve instead of a generated one (version and
+                mcu then come from it)
+    bootloader_request     act on bootloader requests (see the module
+                docstring); False: record them in ignored_bootloader_requests
+    on_bootloader_request  callable(sim, how) after a request it acted on;
+                how is "usb-1200-baud" or "serial-magic"
+    touch_interval  seconds between looks at the line speed (link "usb")
     """
 
     def __init__(self, fd, version=DEFAULT_VERSION, mcu="stm32f429xx", build_versions=None,
                  link="usb", fault=None, start_seq=0, own_fd=False, dictionary=None,
-                 seed=None, log=None, on_disconnect=None):
+                 seed=None, log=None, on_disconnect=None, bootloader_request=True,
+                 on_bootloader_request=None, touch_interval=TOUCH_INTERVAL):
+        super().__init__()
         self.fd = fd
         self.version = version
         self.mcu = mcu
+        self.link = link
         self.own_fd = own_fd
         self.log = log
         self.on_disconnect = on_disconnect
@@ -102,15 +156,17 @@ class KlipperMcu:
             self.dict_json = dictionary
             self.dict_compressed = zlib.compress(dictionary.encode(), 9)
         parsed = json.loads(self.dict_json)
+        if dictionary is not None:
+            self.version = parsed.get("version", version)
+            self.mcu = parsed.get("config", {}).get("MCU", mcu)
         self.clock_freq = parsed["config"].get("CLOCK_FREQ", 1000000)
         self.commands = klipper_proto.MessageParser(parsed["commands"].items())
         self.responses = klipper_proto.MessageParser(parsed["responses"].items())
         self.random = random.Random(seed)
 
-        self.lock = threading.Condition()
         self.fault, self.fault_arg = parse_fault(fault)
         self.next_seq = start_seq & klipper_proto.MESSAGE_SEQ_MASK
-        self.decoder = klipper_proto.StreamDecoder()
+        self.decoder = FirmwareDecoder()
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.tx_dropped = 0
@@ -124,48 +180,37 @@ class KlipperMcu:
         self.disconnected = False
         self.started_at = time.monotonic()
 
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread = None
-        self._stopping = False
+        self.bootloader_request = bootloader_request
+        self.on_bootloader_request = on_bootloader_request
+        self.touch_interval = touch_interval
+        self.bootloader_requested = False
+        self.bootloader_request_how = None
+        self.rebooting = False          # acted on a request: silent from then on
+        self.ignored_bootloader_requests = []
+        self.line_speeds = []           # termios speeds the host set (link "usb")
+        self.dropped_after_request = 0  # bytes read while "resetting"
+
+        self._open_wake_pipe()
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         # Raw slave (termios requests on a pty master act on the slave).  No
         # flush: a host may already have written to a freshly plugged port.
         tty.setraw(fd, termios.TCSANOW)
+        self._line_speed = self._read_line_speed()
 
     # -- control ---------------------------------------------------------
 
     def start(self):
-        self._thread = threading.Thread(target=self._run, name="klipper-mcu-%s" % self.mcu,
-                                        daemon=True)
-        self._thread.start()
+        self._start_thread("klipper-mcu-%s" % self.mcu)
         return self
 
     def stop(self):
         """Stop the thread; closes the fd only when own_fd was given."""
-        if self._thread is not None:
-            self._stopping = True
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-            self._thread.join(5)
-            self._thread = None
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._stop_thread()
+        self._close_wake_pipe()
         if self.own_fd and not self.disconnected and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def set_fault(self, fault):
         with self.lock:
@@ -173,22 +218,14 @@ class KlipperMcu:
             self.hung = False
 
     def reset(self):
-        """Model an MCU reset: seq back to 0, receive state cleared."""
+        """Model an MCU reset: seq back to 0, receive state cleared, answering
+        again after a bootloader request."""
         with self.lock:
             self.next_seq = 0
             self.decoder.reset()
             self.hung = False
-
-    def wait_for(self, predicate, timeout=5.0):
-        """Wait until predicate(self) is true (re-checked on every event)."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while not predicate(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.lock.wait(left)
-            return True
+            self.rebooting = False
+            self._line_speed = self._read_line_speed()
 
     def received(self, name):
         """Accepted messages called @name (list of param dicts)."""
@@ -202,16 +239,14 @@ class KlipperMcu:
             self.log("%s: %s" % (self.mcu, fmt % args))
 
     def _run(self):
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller = self._poller(self.fd)
         while not self._stopping and not self.disconnected:
-            try:
-                events = dict(poller.poll(1000))
-            except InterruptedError:
-                continue
-            if self._wake_r in events or self._stopping:
+            watch_line = self.link == "usb" and not self.rebooting
+            events = self._poll(poller, int(self.touch_interval * 1000) if watch_line else 1000)
+            if events is None:
                 break
+            if watch_line and self._line_coding_changed():
+                continue
             ev = events.get(self.fd, 0)
             if not ev:
                 continue
@@ -236,6 +271,11 @@ class KlipperMcu:
         with self.lock:
             self.rx_bytes += len(data)
             self._debug("rx %s", data.hex(" "))
+            if self.rebooting:
+                # Resetting into the bootloader: nobody reads the port.
+                self.dropped_after_request += len(data)
+                self.lock.notify_all()
+                return
             if self.fault == "silent" or self.hung:
                 self.lock.notify_all()
                 return
@@ -247,7 +287,11 @@ class KlipperMcu:
                 return
             out = bytearray()
             disconnect = False
-            for event in self.decoder.feed(data):
+            events = self.decoder.feed(data)
+            # After the magic the firmware resets before its transmit
+            # buffer drains: nothing of this input is answered.
+            requested = self._serial_magic_seen()
+            for event in [] if requested else events:
                 if event[0] == "nak":
                     out += self._nak("malformed input")
                     continue
@@ -276,6 +320,51 @@ class KlipperMcu:
             self.lock.notify_all()
         if disconnect and self.on_disconnect:
             self.on_disconnect(self)
+        if requested and self.on_bootloader_request:
+            self.on_bootloader_request(self, self.bootloader_request_how)
+
+    # -- bootloader requests (protocols.md §4.1, §4.2) ---------------------
+
+    def _read_line_speed(self):
+        try:
+            return termios.tcgetattr(self.fd)[5]
+        except (termios.error, OSError):
+            return None
+
+    def _line_coding_changed(self):
+        """Look at the line speed the host set; True when that was a 1200
+        baud touch the MCU acted on (the thread then stops answering)."""
+        speed = self._read_line_speed()
+        if speed is None or speed == self._line_speed:
+            return False
+        self._line_speed = speed
+        with self.lock:
+            self.line_speeds.append(speed)
+            self._debug("host set line speed %s", _speed_name(speed))
+            acted = speed == termios.B1200 and self._bootloader_request("usb-1200-baud")
+            self.lock.notify_all()
+        if acted and self.on_bootloader_request:
+            self.on_bootloader_request(self, "usb-1200-baud")
+        return acted
+
+    def _serial_magic_seen(self):
+        """After a feed (lock held): did the block finder drop the magic?"""
+        dropped, self.decoder.dropped = self.decoder.dropped, []
+        if self.link != "serial" or SERIAL_BOOTLOADER_MAGIC not in dropped:
+            return False
+        return self._bootloader_request("serial-magic")
+
+    def _bootloader_request(self, how):
+        """bootloader_request() of the firmware (lock held)."""
+        if not self.bootloader_request:
+            self._debug("bootloader request (%s) ignored", how)
+            self.ignored_bootloader_requests.append(how)
+            return False
+        self._debug("bootloader request (%s): resetting", how)
+        self.bootloader_requested = True
+        self.bootloader_request_how = how
+        self.rebooting = True
+        return True
 
     def _nak(self, why):
         self.naks_sent += 1
@@ -361,6 +450,39 @@ class KlipperMcu:
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         os.dup2(null, self.fd)
         os.close(null)
+
+
+def _speed_name(speed):
+    for name in dir(termios):
+        if name.startswith("B") and name[1:].isdigit() and getattr(termios, name) == speed:
+            return name[1:]
+    return str(speed)
+
+
+def touch_1200(path):
+    """Host side of the USB CDC "1200 baud touch" (protocols.md §4.1, as
+    flash_usb.py and flashtool do it): open, DTR on, B1200, DTR off, close;
+    DTR ioctls fail on ptys and every error after the open is ignored,
+    since the device may vanish mid-call."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        for request in (termios.TIOCMBIS, None, termios.TIOCMBIC):
+            try:
+                if request is None:
+                    attrs = termios.tcgetattr(fd)
+                    attrs[4] = attrs[5] = termios.B1200
+                    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+                else:
+                    fcntl.ioctl(fd, request, struct.pack("I", termios.TIOCM_DTR))
+            except (OSError, termios.error):
+                pass
+    finally:
+        os.close(fd)
+
+
+def send_serial_bootloader_request(fd):
+    """Host side of the UART request (§4.2): 0x7e + the 32-byte magic."""
+    os.write(fd, SERIAL_BOOTLOADER_REQUEST)
 
 
 def host_identify(fd, timeout=5.0, first_seq=1, count=klipper_proto.IDENTIFY_CHUNK, rto=0.1):

@@ -56,6 +56,9 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from simthread import ThreadedSim  # noqa: E402
+
 DEFAULT_VERSION = "v0.12.0-100-gabcdef12"
 DEFAULT_BUILD_VERSIONS = "gcc: (15:12.2.rel1-1) 12.2.1 20221205 binutils: (2.40-2+18+b1) 2.40"
 
@@ -104,7 +107,7 @@ class _Client:
         self.last = {}                  # {obj: {field: value}} as last sent
 
 
-class FakeKlippy:
+class FakeKlippy(ThreadedSim):
     """Fake klippy API server at @socket_path; see the module docstring.
 
     state            "ready" (default), "startup", "shutdown" or "error"
@@ -123,12 +126,12 @@ class FakeKlippy:
                  config_file="/home/pi/printer_data/config/printer.cfg"):
         if state not in STATES:
             raise ValueError("unknown klippy state %r" % state)
+        super().__init__()
         self.socket_path = socket_path
         self.config_file = config_file
         self.software_version = software_version
         self.restart_state = restart_state
         self.log = log
-        self.lock = threading.Condition()
         self.state = state
         self.state_message = state_message if state_message is not None else STATE_MESSAGES[state]
         self.print_state = print_state
@@ -147,12 +150,10 @@ class FakeKlippy:
 
         self._clients = []
         self._listener = None
-        self._thread = None
-        self._stopping = False
         self._stop_unlink = True
         self._restart_request = None
         self._close_request = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._open_wake_pipe()
         if start:
             self.start()
 
@@ -162,9 +163,7 @@ class FakeKlippy:
         """Bind the socket (removing a stale file first, like klippy) and serve."""
         with self.lock:
             self._bind()
-            self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="fake-klippy", daemon=True)
-        self._thread.start()
+        self._start_thread("fake-klippy")
         return self
 
     def stop(self, unlink=True):
@@ -174,20 +173,12 @@ class FakeKlippy:
         if self._thread is None:
             return
         with self.lock:
-            self._stopping = True
             self._stop_unlink = unlink
-        self._wake()
-        self._thread.join(5)
-        self._thread = None
+        self._stop_thread()
 
     def close(self):
         self.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._close_wake_pipe()
 
     def __enter__(self):
         return self
@@ -209,7 +200,7 @@ class FakeKlippy:
         with self.lock:
             generation = self.generation
             self._restart_request = state
-        self._wake()
+        self.wake()
         if not self.wait_for(lambda k: k.generation > generation, timeout):
             raise TimeoutError("fake klippy did not restart")
         return self
@@ -218,7 +209,7 @@ class FakeKlippy:
         """Drop every connection, keep listening."""
         with self.lock:
             self._close_request = True
-        self._wake()
+        self.wake()
         if not self.wait_for(lambda k: not k._close_request, timeout):
             raise TimeoutError("fake klippy did not close its clients")
 
@@ -283,17 +274,6 @@ class FakeKlippy:
         with self.lock:
             return [r for r in self.requests if r["method"] == method]
 
-    def wait_for(self, predicate, timeout=5.0):
-        """Wait until predicate(self) is true (re-checked on every event)."""
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while not predicate(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.lock.wait(left)
-            return True
-
     def wait_for_request(self, method, count=1, timeout=5.0):
         """Wait until @count requests of @method arrived; returns the last one or None."""
         if not self.wait_for(lambda k: len([r for r in k.requests if r["method"] == method]) >= count,
@@ -347,12 +327,6 @@ class FakeKlippy:
     def _debug(self, fmt, *args):
         if self.log:
             self.log("fake klippy: " + fmt % args)
-
-    def _wake(self):
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
 
     def _bind(self):
         # klippy's ServerSocket: remove the file, bind, listen.
@@ -594,7 +568,7 @@ class FakeKlippy:
         except OSError as e:
             self._debug("client %d: send failed: %s", client.number, errno.errorcode.get(e.errno, e))
             client.dead = True
-            self._wake()
+            self.wake()
 
     def _send_locked(self, client, message):
         self._send_bytes_locked(client, encode(message))

@@ -15,7 +15,10 @@
 #  - the bus name, the unit name and the man page agree across the unit, the
 #    activation file and the policy;
 #  - udev/70-mcuflashd.rules is syntactically sane, only tags and never touches
-#    permissions.
+#    permissions;
+#  - polkit/io.mcuflash1.policy is well-formed (and valid against polkit's DTD
+#    when polkitd is installed), every action has a description, a message and
+#    defaults, and every action id daemon/core/auth.c uses is declared in it.
 # It does not start systemd units, a bus or the daemon. Works without systemd
 # as PID 1. Needs systemd-analyze (package systemd), xmllint (libxml2-utils) and
 # /usr/bin/python3.
@@ -67,7 +70,8 @@ for tool in systemd-analyze:systemd xmllint:libxml2-utils /usr/bin/python3:pytho
         fi
 done
 for f in "$built_unit" "$srcdir/dbus/io.mcuflash1.xml" "$srcdir/dbus/io.mcuflash1.conf" \
-         "$srcdir/dbus/io.mcuflash1.service" "$srcdir/udev/70-mcuflashd.rules"; do
+         "$srcdir/dbus/io.mcuflash1.service" "$srcdir/udev/70-mcuflashd.rules" \
+         "$srcdir/polkit/io.mcuflash1.policy" "$srcdir/daemon/core/auth.c"; do
         if [ ! -f "$f" ]; then
                 echo "FAIL: $f does not exist" >&2
                 exit 1
@@ -231,6 +235,45 @@ if [ -n "$udev_out" ]; then
 else
         echo "ok: 70-mcuflashd.rules"
 fi
+
+# --- polkit policy ----------------------------------------------------------------
+
+policy=$srcdir/polkit/io.mcuflash1.policy
+failures_before=$failures
+if ! xmllint --noout "$policy"; then
+        fail "xmllint $policy"
+elif [ -f /usr/share/polkit-1/policyconfig-1.dtd ] &&
+     ! xmllint --noout --dtdvalid /usr/share/polkit-1/policyconfig-1.dtd "$policy"; then
+        fail "$policy is not valid against polkit's policyconfig-1.dtd"
+else
+        policy_out=$(/usr/bin/python3 - "$policy" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+for action in ET.parse(sys.argv[1]).getroot().iter("action"):
+    aid = action.get("id", "")
+    for tag in ("description", "message"):
+        if not (action.findtext(tag) or "").strip():
+            print(f"action {aid}: no <{tag}>")
+    for tag in ("allow_any", "allow_inactive", "allow_active"):
+        if not (action.findtext("defaults/" + tag) or "").strip():
+            print(f"action {aid}: no <defaults><{tag}>")
+EOF
+)
+        if [ -n "$policy_out" ]; then
+                printf '%s\n' "$policy_out" >&2
+                fail "$policy: incomplete actions (above)"
+        fi
+fi
+# Action ids are lower case; the interface names next to them in the table
+# (io.mcuflash1.Mcu, io.mcuflash1.Manager) are not.
+used_actions=$(grep -o '"io\.mcuflash1\.[a-z][a-z-]*"' "$srcdir/daemon/core/auth.c" | tr -d '"' | sort -u)
+[ -n "$used_actions" ] || fail "no polkit action id found in daemon/core/auth.c"
+for action in $used_actions; do
+        grep -q "<action id=\"$action\">" "$policy" ||
+                fail "daemon/core/auth.c uses polkit action $action, which $policy does not declare"
+done
+[ $failures -eq $failures_before ] &&
+        echo "ok: polkit policy declares every action the daemon uses ($(echo $used_actions))"
 
 if [ $failures -ne 0 ]; then
         echo "$failures packaging check(s) failed" >&2

@@ -1,5 +1,6 @@
 /* Unit tests for proto/canbus.c (UUID text, admin message encoders and
- * parser, node ids, discovery and node id assignment) and
+ * parser, node ids, discovery, node id assignment, bootloader requests and
+ * Katapult node ids) and
  * transport/can.c (frame send/receive and the byte stream to one node).
  *
  * This machine's kernel has no CAN, and unit tests run without the
@@ -113,6 +114,29 @@ static void test_encode_request_bootloader(void **state) {
         (void) state;
         assert_int_equal(canbus_encode_request_bootloader(out, uuid_a), 7);
         assert_memory_equal(out, expected, 7);
+}
+
+static void test_encode_set_katapult_nodeid(void **state) {
+        /* flashtool's assignment: [0x11 uuid nodeid], nodeid 128. */
+        static const uint8_t expected[8] = { 0x11, 0x0e, 0x0d, 0x81, 0xe4, 0x21, 0x0c, 0x80 };
+        static const uint8_t expected_low[8] = { 0x11, 0xa1, 0xb2, 0xc3, 0xd4, 0xe5, 0xf6, 0x04 };
+        uint8_t out[8];
+
+        (void) state;
+        assert_int_equal(CANBUS_NODEID_KATAPULT, 128);
+        assert_int_equal(canbus_encode_set_katapult_nodeid(out, uuid_a, CANBUS_NODEID_KATAPULT), 8);
+        assert_memory_equal(out, expected, 8);
+        assert_int_equal(canbus_encode_set_katapult_nodeid(out, uuid_b, 4), 8);
+        assert_memory_equal(out, expected_low, 8);
+}
+
+static void test_encode_clear_katapult_nodeid(void **state) {
+        uint8_t out[8];
+
+        (void) state;
+        memset(out, 0xaa, sizeof(out));
+        assert_int_equal(canbus_encode_clear_katapult_nodeid(out), 1);
+        assert_int_equal(out[0], 0x12);
 }
 
 static void test_parse_need_nodeid(void **state) {
@@ -242,6 +266,9 @@ static void test_admin_bad_arguments(void **state) {
         assert_int_equal(canbus_query(-1, 10, NULL, &nodes), -EINVAL);
         assert_null(nodes);
         assert_int_equal(canbus_set_klipper_nodeid(-1, uuid_a, 64), -EINVAL);
+        assert_int_equal(canbus_request_bootloader(-1, uuid_a), -EINVAL);
+        assert_int_equal(canbus_set_katapult_nodeid(-1, uuid_a, CANBUS_NODEID_KATAPULT), -EINVAL);
+        assert_int_equal(canbus_clear_katapult_nodeids(-1), -EINVAL);
 }
 
 /* ---- frames over a socketpair standing in for a CAN socket ---- */
@@ -602,6 +629,62 @@ static void test_set_klipper_nodeid(void **state) {
         peer_assert_silent(b);
 }
 
+static void test_request_bootloader(void **state) {
+        static const uint8_t expected[7] = { 0x02, 0x0e, 0x0d, 0x81, 0xe4, 0x21, 0x0c };
+        struct bus *b = *state;
+        struct can_frame frame;
+
+        assert_int_equal(canbus_request_bootloader(b->host, uuid_a), 0);
+        peer_recv(b, &frame);
+        assert_int_equal(frame.can_id, 0x3f0);
+        assert_int_equal(frame.can_dlc, 7);
+        assert_memory_equal(frame.data, expected, 7);
+
+        assert_int_equal(canbus_request_bootloader(b->host, NULL), -EINVAL);
+        peer_assert_silent(b);
+}
+
+static void test_set_katapult_nodeid(void **state) {
+        static const uint8_t expected[8] = { 0x11, 0xa1, 0xb2, 0xc3, 0xd4, 0xe5, 0xf6, 0x80 };
+        struct bus *b = *state;
+        struct can_frame frame;
+
+        assert_int_equal(canbus_set_katapult_nodeid(b->host, uuid_b, CANBUS_NODEID_KATAPULT), 0);
+        peer_recv(b, &frame);
+        assert_int_equal(frame.can_id, 0x3f0);
+        assert_int_equal(frame.can_dlc, 8);
+        assert_memory_equal(frame.data, expected, 8);
+        /* Katapult then talks on 0x100 + 2·128 and answers on the id after it. */
+        assert_int_equal(canbus_nodeid_of_canid(0x200), CANBUS_NODEID_KATAPULT);
+        assert_int_equal(canbus_nodeid_of_canid(0x201), CANBUS_NODEID_KATAPULT);
+
+        assert_int_equal(canbus_set_katapult_nodeid(b->host, uuid_b, 256), -EINVAL);
+        assert_int_equal(canbus_set_katapult_nodeid(b->host, NULL, CANBUS_NODEID_KATAPULT), -EINVAL);
+        peer_assert_silent(b);
+}
+
+static void test_clear_katapult_nodeids(void **state) {
+        struct bus *b = *state;
+        struct can_frame frame;
+
+        assert_int_equal(canbus_clear_katapult_nodeids(b->host), 0);
+        peer_recv(b, &frame);
+        assert_int_equal(frame.can_id, 0x3f0);
+        assert_int_equal(frame.can_dlc, 1);
+        assert_int_equal(frame.data[0], 0x12);
+        peer_assert_silent(b);
+}
+
+static void test_katapult_admin_hangup(void **state) {
+        struct bus *b = *state;
+
+        /* A bus that went away fails the sends, it does not hang. */
+        b->peer = safe_close(b->peer);
+        assert_true(canbus_request_bootloader(b->host, uuid_a) < 0);
+        assert_true(canbus_clear_katapult_nodeids(b->host) < 0);
+        assert_true(canbus_set_katapult_nodeid(b->host, uuid_a, CANBUS_NODEID_KATAPULT) < 0);
+}
+
 #define bus_test(t) cmocka_unit_test_setup_teardown(t, bus_setup, bus_teardown)
 #define seqpacket_test(t) cmocka_unit_test_setup_teardown(t, bus_setup_seqpacket, bus_teardown)
 
@@ -612,6 +695,8 @@ int main(void) {
                 cmocka_unit_test(test_encode_query),
                 cmocka_unit_test(test_encode_set_klipper_nodeid),
                 cmocka_unit_test(test_encode_request_bootloader),
+                cmocka_unit_test(test_encode_set_katapult_nodeid),
+                cmocka_unit_test(test_encode_clear_katapult_nodeid),
                 cmocka_unit_test(test_parse_need_nodeid),
                 cmocka_unit_test(test_nodeid_of_canid),
                 cmocka_unit_test(test_pick_nodeid),
@@ -632,6 +717,10 @@ int main(void) {
                 bus_test(test_query_silent_bus),
                 seqpacket_test(test_query_hangup),
                 bus_test(test_set_klipper_nodeid),
+                bus_test(test_request_bootloader),
+                bus_test(test_set_katapult_nodeid),
+                bus_test(test_clear_katapult_nodeids),
+                seqpacket_test(test_katapult_admin_hangup),
         };
 
         if (getenv("TEST_DEBUG"))

@@ -1,0 +1,402 @@
+/* Implementation of job.h.  A job's life:
+ *
+ *   queued → running (preparing) → [stopping-klipper] → ops->run() …
+ *          → job_finish() → [starting-klipper] → succeeded|failed|cancelled
+ *          → kept JobRetentionSec for late readers → removed.
+ *
+ * Every state or phase change goes through one setter that marks the
+ * changed properties and announces them, and logs. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "bus/job.h"
+#include "core/daemon-internal.h"
+#include "core/job.h"
+#include "core/units.h"
+#include "shared/log.h"
+
+#define JOB_OBJECT_PATH_PREFIX "/io/mcuflash1/job"
+
+static const char *const kind_names[_JOB_KIND_MAX] = {
+        [JOB_KIND_FLASH] = "flash",
+        [JOB_KIND_REBOOT] = "reboot",
+        [JOB_KIND_UPDATE_ALL] = "update-all",
+};
+
+static const char *const state_names[_JOB_STATE_MAX] = {
+        [JOB_STATE_QUEUED] = "queued",
+        [JOB_STATE_RUNNING] = "running",
+        [JOB_STATE_SUCCEEDED] = "succeeded",
+        [JOB_STATE_FAILED] = "failed",
+        [JOB_STATE_CANCELLED] = "cancelled",
+};
+
+static const char *const phase_names[_JOB_PHASE_MAX] = {
+        [JOB_PHASE_PREPARING] = "preparing",
+        [JOB_PHASE_STOPPING_KLIPPER] = "stopping-klipper",
+        [JOB_PHASE_ENTERING_BOOTLOADER] = "entering-bootloader",
+        [JOB_PHASE_ERASING] = "erasing",
+        [JOB_PHASE_WRITING] = "writing",
+        [JOB_PHASE_VERIFYING] = "verifying",
+        [JOB_PHASE_REBOOTING] = "rebooting",
+        [JOB_PHASE_STARTING_KLIPPER] = "starting-klipper",
+        [JOB_PHASE_DONE] = "done",
+};
+
+static const char *const prop_names[_JOB_PROP_MAX] = {
+        [JOB_PROP_STATE] = "State",
+        [JOB_PROP_PHASE] = "Phase",
+        [JOB_PROP_BYTES_DONE] = "BytesDone",
+        [JOB_PROP_BYTES_TOTAL] = "BytesTotal",
+        [JOB_PROP_PROGRESS] = "Progress",
+        [JOB_PROP_ERROR] = "Error",
+        [JOB_PROP_ERROR_MESSAGE] = "ErrorMessage",
+};
+
+const char *job_kind_to_string(enum job_kind k) {
+        return k < _JOB_KIND_MAX ? kind_names[k] : NULL;
+}
+
+const char *job_state_to_string(enum job_state s) {
+        return s < _JOB_STATE_MAX ? state_names[s] : NULL;
+}
+
+const char *job_phase_to_string(enum job_phase p) {
+        return p < _JOB_PHASE_MAX ? phase_names[p] : NULL;
+}
+
+const char *job_prop_name(enum job_prop p) {
+        return p < _JOB_PROP_MAX ? prop_names[p] : NULL;
+}
+
+static void job_commit(struct job *j) {
+        uint64_t mask = j->changed;
+
+        if (!mask)
+                return;
+        j->changed = 0;
+        bus_job_changed(j->daemon, j, mask);
+}
+
+static void job_mark(struct job *j, enum job_prop p) {
+        j->changed |= UINT64_C(1) << p;
+}
+
+static void job_set_state(struct job *j, enum job_state s) {
+        if (j->state_id == s)
+                return;
+        j->state_id = s;
+        j->state = job_state_to_string(s);
+        job_mark(j, JOB_PROP_STATE);
+        log_info("job %u (%s %s): %s", j->number, j->kind, j->mcu_id, j->state);
+        job_commit(j);
+}
+
+void job_set_phase(struct job *j, enum job_phase p) {
+        if (j->phase_id == p)
+                return;
+        j->phase_id = p;
+        j->phase = job_phase_to_string(p);
+        job_mark(j, JOB_PROP_PHASE);
+        log_info("job %u (%s %s): %s", j->number, j->kind, j->mcu_id, j->phase);
+        job_commit(j);
+}
+
+void job_set_progress(struct job *j, uint64_t done, uint64_t total) {
+        double progress = total ? (double) done / (double) total : 0.0;
+
+        if (j->bytes_done != done) {
+                j->bytes_done = done;
+                job_mark(j, JOB_PROP_BYTES_DONE);
+        }
+        if (j->bytes_total != total) {
+                j->bytes_total = total;
+                job_mark(j, JOB_PROP_BYTES_TOTAL);
+        }
+        if (progress > 1.0)
+                progress = 1.0;
+        if (j->progress != progress) {
+                j->progress = progress;
+                job_mark(j, JOB_PROP_PROGRESS);
+        }
+        job_commit(j);
+}
+
+struct mcu *job_mcu(struct job *j) {
+        return registry_find_by_id(j->daemon->registry, j->mcu_id);
+}
+
+bool job_is_finished(const struct job *j) {
+        return j->state_id == JOB_STATE_SUCCEEDED || j->state_id == JOB_STATE_FAILED ||
+               j->state_id == JOB_STATE_CANCELLED;
+}
+
+struct job *job_find_by_path(struct daemon *d, const char *path) {
+        for (struct job *j = d->jobs; j; j = j->next)
+                if (streq(j->object_path, path))
+                        return j;
+        return NULL;
+}
+
+/* ---- timers ------------------------------------------------------------ */
+
+struct job_timeout {
+        struct job *job;
+        void (*on_timeout)(struct job *j);
+};
+
+void job_disarm_timeout(struct job *j) {
+        if (j->timer) {
+                free(event_get_callback_arg(j->timer));
+                event_free(j->timer);
+                j->timer = NULL;
+        }
+}
+
+static void on_job_timer(evutil_socket_t fd, short what, void *userdata) {
+        struct job_timeout *t = userdata;
+        struct job *j = t->job;
+        void (*cb)(struct job *) = t->on_timeout;
+
+        job_disarm_timeout(j);
+        cb(j);
+}
+
+int job_arm_timeout(struct job *j, uint64_t usec, void (*on_timeout)(struct job *j)) {
+        struct timeval tv = { .tv_sec = (time_t) (usec / 1000000), .tv_usec = (suseconds_t) (usec % 1000000) };
+        struct job_timeout *t;
+
+        job_disarm_timeout(j);
+        t = malloc(sizeof(*t));
+        if (!t)
+                return -ENOMEM;
+        *t = (struct job_timeout) { .job = j, .on_timeout = on_timeout };
+        j->timer = evtimer_new(j->daemon->base, on_job_timer, t);
+        if (!j->timer || evtimer_add(j->timer, &tv) < 0) {
+                free(t);
+                if (j->timer)
+                        event_free(j->timer);
+                j->timer = NULL;
+                return -ENOMEM;
+        }
+        return 0;
+}
+
+/* ---- lifetime ---------------------------------------------------------- */
+
+static void job_free(struct job *j) {
+        job_disarm_timeout(j);
+        unit_op_free(j->unit_op);
+        if (j->ops && j->ops->free)
+                j->ops->free(j);
+        free(j->object_path);
+        free(j->mcu_path);
+        free(j->mcu_id);
+        free(j->error);
+        free(j->error_message);
+        free(j);
+}
+
+static void job_unlink(struct daemon *d, struct job *j) {
+        for (struct job **i = &d->jobs; *i; i = &(*i)->next)
+                if (*i == j) {
+                        *i = j->next;
+                        return;
+                }
+}
+
+static void job_expire(struct job *j) {
+        struct daemon *d = j->daemon;
+
+        log_debug("job %u expired", j->number);
+        bus_job_removed(d, j);
+        job_unlink(d, j);
+        job_free(j);
+}
+
+void jobs_free_all(struct daemon *d) {
+        while (d->jobs) {
+                struct job *j = d->jobs;
+
+                d->jobs = j->next;
+                job_free(j);
+        }
+}
+
+/* The job is over for D-Bus: final state, MCU free, Finished, retention. */
+static void job_conclude(struct job *j, enum job_state state) {
+        struct daemon *d = j->daemon;
+        struct mcu *m = job_mcu(j);
+
+        job_set_phase(j, JOB_PHASE_DONE);
+        job_set_state(j, state);
+        if (m && streq(m->job, j->object_path)) {
+                (void) mcu_set_string(m, MCU_PROP_JOB, "/");
+                registry_commit(d->registry, m);
+        }
+        bus_job_finished(d, j);
+        if (job_arm_timeout(j, d->config->job_retention_usec, job_expire) < 0)
+                log_oom();
+}
+
+static void on_klipper_started(void *userdata, int result, const char *job_result) {
+        struct job *j = userdata;
+
+        j->unit_op = NULL;
+        if (result < 0)
+                log_warning_errno(result, "Starting %s again after job %u failed: %m",
+                                  j->daemon->config->klipper_service, j->number);
+        else
+                log_info("Started %s again (%s).", j->daemon->config->klipper_service, strempty(job_result));
+        job_conclude(j, j->state_id == JOB_STATE_RUNNING ? JOB_STATE_SUCCEEDED : j->state_id);
+}
+
+void job_finish(struct job *j, enum job_state state, enum mcuflash_error error, const char *fmt, ...) {
+        int r;
+
+        job_disarm_timeout(j);
+        if (state != JOB_STATE_SUCCEEDED) {
+                _cleanup_free_ char *message = NULL;
+                va_list ap;
+
+                va_start(ap, fmt);
+                if (vasprintf(&message, fmt, ap) < 0)
+                        message = NULL;
+                va_end(ap);
+                (void) free_and_strdup(&j->error, mcuflash_error_name(error));
+                (void) free_and_strdup(&j->error_message, message ?: "");
+                job_mark(j, JOB_PROP_ERROR);
+                job_mark(j, JOB_PROP_ERROR_MESSAGE);
+                log_warning("job %u (%s %s) %s: %s", j->number, j->kind, j->mcu_id,
+                            job_state_to_string(state), strempty(message));
+                /* The state goes out with the error, before Klipper restarts. */
+                job_set_state(j, state);
+        }
+
+        if (j->restart_klipper) {
+                j->restart_klipper = false;
+                job_set_phase(j, JOB_PHASE_STARTING_KLIPPER);
+                r = unit_start(j->daemon->bus, j->daemon->base, j->daemon->config->klipper_service,
+                               on_klipper_started, j, &j->unit_op);
+                if (r >= 0)
+                        return;
+                log_warning_errno(r, "Cannot start %s again: %m", j->daemon->config->klipper_service);
+        }
+        job_conclude(j, state);
+}
+
+int job_cancel(struct job *j) {
+        int r;
+
+        if (job_is_finished(j) || j->phase_id == JOB_PHASE_STARTING_KLIPPER)
+                return -EALREADY;
+        j->cancel_requested = true;
+        if (j->phase_id == JOB_PHASE_STOPPING_KLIPPER || j->phase_id == JOB_PHASE_PREPARING) {
+                /* Nothing has been sent to the MCU yet. */
+                j->unit_op = unit_op_free(j->unit_op);
+                job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
+                           "Cancelled before anything was sent to the MCU.");
+                return 0;
+        }
+        r = j->ops->cancel ? j->ops->cancel(j) : -EBUSY;
+        return r;
+}
+
+static void job_run_ops(struct job *j) {
+        if (j->cancel_requested) {
+                job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
+                           "Cancelled before anything was sent to the MCU.");
+                return;
+        }
+        j->ops->run(j);
+}
+
+static void on_klipper_stopped(void *userdata, int result, const char *job_result) {
+        struct job *j = userdata;
+
+        j->unit_op = NULL;
+        if (result < 0) {
+                job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_BUSY,
+                           "Klipper holds this MCU and stopping %s failed (%s); nothing was sent to the MCU.",
+                           j->daemon->config->klipper_service, strerror(-result));
+                return;
+        }
+        j->restart_klipper = true;
+        log_info("Stopped %s for job %u.", j->daemon->config->klipper_service, j->number);
+        job_run_ops(j);
+}
+
+int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct job_ops *ops,
+              void *data, struct job **ret) {
+        struct job *j;
+        int r;
+
+        if (!streq(m->job, "/"))
+                return -EBUSY;
+        j = calloc(1, sizeof(*j));
+        if (!j)
+                return -ENOMEM;
+        j->daemon = d;
+        j->number = ++d->n_jobs_started;
+        j->kind_id = kind;
+        j->kind = job_kind_to_string(kind);
+        j->state_id = JOB_STATE_QUEUED;
+        j->state = job_state_to_string(j->state_id);
+        j->phase_id = JOB_PHASE_PREPARING;
+        j->phase = job_phase_to_string(j->phase_id);
+        j->ops = ops;
+        j->data = data;
+        if (asprintf(&j->object_path, JOB_OBJECT_PATH_PREFIX "/%u", j->number) < 0) {
+                j->object_path = NULL;
+                job_free(j);
+                return -ENOMEM;
+        }
+        j->mcu_path = strdup(m->object_path);
+        j->mcu_id = strdup(m->id);
+        j->error = strdup("");
+        j->error_message = strdup("");
+        if (!j->mcu_path || !j->mcu_id || !j->error || !j->error_message) {
+                job_free(j);
+                return -ENOMEM;
+        }
+
+        j->next = d->jobs;
+        d->jobs = j;
+        bus_job_added(d, j);
+        (void) mcu_set_string(m, MCU_PROP_JOB, j->object_path);
+        registry_commit(d->registry, m);
+
+        job_set_state(j, JOB_STATE_RUNNING);
+        if (daemon_mcu_held_by_klipper(d, m)) {
+                job_set_phase(j, JOB_PHASE_STOPPING_KLIPPER);
+                r = unit_stop(d->bus, d->base, d->config->klipper_service, on_klipper_stopped, j, &j->unit_op);
+                if (r < 0)
+                        on_klipper_stopped(j, r, NULL);
+        } else
+                job_run_ops(j);
+        *ret = j;
+        return 0;
+}
+
+void jobs_mcu_changed(struct daemon *d, struct mcu *m) {
+        for (struct job *j = d->jobs; j; j = j->next)
+                if (!job_is_finished(j) && streq(j->mcu_id, m->id) && j->ops->mcu_changed &&
+                    j->phase_id != JOB_PHASE_STOPPING_KLIPPER && j->phase_id != JOB_PHASE_STARTING_KLIPPER)
+                        j->ops->mcu_changed(j, m);
+}
+
+static void on_registry_changed(void *userdata, struct mcu *m, uint64_t mask) {
+        jobs_mcu_changed(userdata, m);
+}
+
+int daemon_jobs_observe(struct daemon *d) {
+        const struct registry_observer o = {
+                .changed = on_registry_changed,
+                .added = NULL,
+                .userdata = d,
+        };
+
+        return registry_add_observer(d->registry, &o);
+}
