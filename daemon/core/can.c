@@ -22,6 +22,7 @@
 #include "core/daemon-internal.h"
 #include "core/identify.h"
 #include "proto/canbus.h"
+#include "proto/katapult.h"
 #include "shared/log.h"
 #include "transport/can.h"
 
@@ -50,6 +51,7 @@ struct can_scan_result {
         bool answered_query;
         int result;
         struct klipper_dict *dict;
+        struct katapult_info katapult;  /* app == Katapult, result >= 0 */
 };
 
 struct can_scan_job {
@@ -136,10 +138,27 @@ static void can_assign_and_identify(struct can_scan_job *job, int fd, struct can
         res->result = can_identify_node(job, (unsigned) id, &res->dict);
 }
 
+/* Katapult on CAN: give it a node id of Katapult's range (flashtool's 128
+ * and up) and ask CONNECT where the application goes. */
+static void can_connect_katapult(struct can_scan_job *job, int fd, struct can_scan_result *res,
+                                 unsigned nodeid) {
+        _cleanup_(transport_freep) struct transport *t = NULL;
+        int r;
+
+        r = canbus_set_katapult_nodeid(fd, res->uuid, nodeid);
+        if (r >= 0)
+                r = can_stream_transport_open(job->ifname, nodeid, &t);
+        if (r >= 0)
+                r = katapult_connect(t, job->identify_timeout_ms, &res->katapult);
+        res->nodeid = nodeid;
+        res->result = r;
+}
+
 static int can_scan_run(void *userdata) {
         struct can_scan_job *job = userdata;
         _cleanup_free_ struct canbus_node *nodes = NULL;
         _cleanup_close_ int fd = -1;
+        unsigned katapult_nodeid = CANBUS_NODEID_KATAPULT;
         int n;
 
         fd = can_socket_open(job->ifname, NULL, 0);
@@ -160,9 +179,12 @@ static int can_scan_run(void *userdata) {
 
                 if (!res)
                         return -ENOMEM;
+                if (nodes[i].app == CANBUS_APP_KATAPULT) {
+                        can_connect_katapult(job, fd, res, katapult_nodeid++);
+                        continue;
+                }
                 if (nodes[i].app != CANBUS_APP_KLIPPER) {
-                        /* Katapult (or another bootloader): found, not Klipper. */
-                        res->result = 0;
+                        res->result = 0;        /* something else: found, not asked */
                         continue;
                 }
                 can_assign_and_identify(job, fd, res, k ? k->nodeid : 0);
@@ -225,17 +247,13 @@ static void can_apply_result(struct daemon *d, const char *ifname, const struct 
         (void) mcu_set_string(m, MCU_PROP_CAN_UUID, uuid);
         if (res->nodeid)
                 m->can_nodeid = res->nodeid;
+        m->speaks_katapult = false;
         m->identifying = false;
 
         snprintf(where, sizeof(where), "%s node %u", ifname, res->nodeid);
         if (res->app == CANBUS_APP_KATAPULT) {
-                mcu_set_state(m, MCU_STATE_BOOTLOADER);
-                (void) mcu_set_string(m, MCU_PROP_STATE_REASON, "");
-                (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Katapult");
-                (void) mcu_set_string(m, MCU_PROP_BOOTLOADER, "katapult");
-                (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, "");
-                mcu_update_version_match(m, d->host_version);
-                log_info("%s: Katapult bootloader on %s", uuid, ifname);
+                m->speaks_katapult = true;
+                identify_apply_katapult(m, &res->katapult, res->result, where, d->host_version);
         } else if (res->app != CANBUS_APP_KLIPPER) {
                 char reason[96];
 
@@ -374,7 +392,10 @@ static void can_scan_start(struct daemon *d, struct can_iface *iface) {
         for (size_t i = 0; r >= 0 && i < d->registry->n_mcus; i++) {
                 struct mcu *m = d->registry->mcus[i];
 
-                if (can_mcu_on(m, iface->name) && m->can_nodeid && !daemon_mcu_held_by_klipper(d, m))
+                /* Only Klipper nodes on the daemon's own ids: a Katapult id is
+                 * gone once the node runs Klipper again. */
+                if (can_mcu_on(m, iface->name) && m->can_nodeid >= CANBUS_NODEID_DAEMON_FIRST &&
+                    m->can_nodeid <= CANBUS_NODEID_DAEMON_LAST && !daemon_mcu_held_by_klipper(d, m))
                         r = can_scan_job_add_known(job, m->can_uuid, m->can_nodeid, false);
         }
         /* printer.cfg's nodes on this interface: only when the klippy API

@@ -192,12 +192,18 @@ static void on_reboot_timeout(struct job *j) {
                            j->daemon->config->bootloader_timeout_usec / 1e6, where);
 }
 
-static void on_can_rescan(evutil_socket_t fd, short what, void *userdata) {
+/* Links without hotplug — a CAN bus, a UART whose MCU changes its mind on
+ * the same tty — are asked again every second while the job waits. */
+static void on_ask_again(evutil_socket_t fd, short what, void *userdata) {
         struct job *j = userdata;
         struct reboot *rb = j->data;
         struct timeval tv = { .tv_sec = CAN_RESCAN_INTERVAL_USEC / 1000000 };
+        struct mcu *m = job_mcu(j);
 
-        daemon_can_rescan(j->daemon, rb->can_interface);
+        if (rb->transport == MCU_TRANSPORT_CAN)
+                daemon_can_rescan(j->daemon, rb->can_interface);
+        else if (m)
+                daemon_start_identify(j->daemon, m);
         if (rb->rescan)
                 (void) evtimer_add(rb->rescan, &tv);
 }
@@ -215,10 +221,17 @@ static void reboot_wait(struct job *j) {
                 job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT, "Out of memory while waiting.");
                 return;
         }
-        if (rb->transport == MCU_TRANSPORT_CAN) {
+        if (rb->transport == MCU_TRANSPORT_CAN ||
+            (rb->transport == MCU_TRANSPORT_SERIAL && !rb->to_bootloader)) {
                 /* Nothing announces a node on CAN: ask after a second, as
-                 * Katapult's flashtool does, and again until it answers. */
-                rb->rescan = evtimer_new(j->daemon->base, on_can_rescan, j);
+                 * Katapult's flashtool does, and again until it answers.  A
+                 * UART MCU leaving Katapult stays on the same tty: identify
+                 * it now and again until Klipper answers. */
+                if (rb->transport == MCU_TRANSPORT_SERIAL && m) {
+                        m->speaks_katapult = false;
+                        daemon_start_identify(j->daemon, m);
+                }
+                rb->rescan = evtimer_new(j->daemon->base, on_ask_again, j);
                 if (rb->rescan)
                         (void) evtimer_add(rb->rescan, &tv);
         }
