@@ -124,6 +124,16 @@ void job_set_progress(struct job *j, uint64_t done, uint64_t total) {
         job_commit(j);
 }
 
+void job_set_fraction(struct job *j, double progress) {
+        if (progress > 1.0)
+                progress = 1.0;
+        if (j->progress == progress)
+                return;
+        j->progress = progress;
+        job_mark(j, JOB_PROP_PROGRESS);
+        job_commit(j);
+}
+
 struct mcu *job_mcu(struct job *j) {
         return registry_find_by_id(j->daemon->registry, j->mcu_id);
 }

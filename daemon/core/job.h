@@ -123,6 +123,8 @@ int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct 
 
 void job_set_phase(struct job *j, enum job_phase p);
 void job_set_progress(struct job *j, uint64_t done, uint64_t total);
+/* Progress of a job that moves no bytes (a reboot): 0..1. */
+void job_set_fraction(struct job *j, double progress);
 
 /* End the job's work with @state; for failures @error and a message for a
  * person.  Klipper is started again afterwards if the job stopped it; only

@@ -171,7 +171,7 @@ static void reboot_stop_rescans(struct reboot *rb) {
 
 static void reboot_succeed(struct job *j, struct mcu *m) {
         reboot_stop_rescans(j->data);
-        job_set_progress(j, 1, 1);
+        job_set_fraction(j, 1.0);
         job_finish(j, JOB_STATE_SUCCEEDED, 0, "%s", "");
 }
 

@@ -1033,10 +1033,11 @@ class Testbed:
         vid = int(m.group(1), 16) if m else None
         m = re.search(r"^A: idProduct=([0-9a-fA-F]+)", record, re.M)
         pid = int(m.group(1), 16) if m else None
+        # The handler first: a real device answers once udev announces it.
+        sim.attach(self.tb)
         dev = self._plug_device(record, None, [], vendor_id=vid, product_id=pid,
                                 usb_serial=kwargs["serial"], busnum=values["BUSNUM"],
                                 devnum=values["DEVNUM"])
-        sim.attach(self.tb, dev.devnode)
         self._set_mode(board, board.bootloader, device=dev, bootloader_sim=sim)
 
     def _start_katapult(self, board, dev):

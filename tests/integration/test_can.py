@@ -55,7 +55,10 @@ def test_two_can_nodes_found_with_uuid_version_and_type(can_hub, can_node, klipp
     assert kprops["Firmware"] == "Katapult"
     assert kprops["Bootloader"] == "katapult"
     assert kprops["CanUuid"] == KATAPULT_UUID
-    assert kat.nodeid is None          # never given a Klipper node id
+    # Given a Katapult node id (flashtool's 128) and asked CONNECT.
+    assert kat.nodeid == 128
+    assert kprops["McuType"] == "stm32f103xe"
+    assert kprops["FlashStart"] == kat.app_start
 
     status = json.loads(ctl("status", "--json").stdout)
     ebb_json = [m for m in status["mcus"] if m["name"] == "mcu EBBCan"][0]

@@ -43,8 +43,8 @@ def usb_printer(testbed, klipper_checkout, printer_cfg):
     klipper_checkout(HOST)
 
     def make(bootloader="katapult", **kw):
-        board = testbed.add_klipper_usb(serial=OCTOPUS, version=HOST, mcu="stm32f429xx",
-                                        bootloader=bootloader, **kw)
+        kw.setdefault("mcu", "stm32f429xx")
+        board = testbed.add_klipper_usb(serial=OCTOPUS, version=HOST, bootloader=bootloader, **kw)
         printer_cfg("[mcu]\nserial: %s\n" % board.by_id)
         return board
     return make
@@ -53,10 +53,11 @@ def usb_printer(testbed, klipper_checkout, printer_cfg):
 @pytest.mark.parametrize("bootloader,kind,firmware", [
     ("katapult", "katapult", "Katapult"),
     ("stm32-dfu", "stm32-dfu", "STM32 ROM DFU"),
+    ("picoboot", "picoboot", "RP2040 boot ROM"),
 ])
 def test_usb_to_bootloader_and_back_same_object(usb_printer, daemon, dbus_client, wait_for,
                                                 bootloader, kind, firmware):
-    board = usb_printer(bootloader)
+    board = usb_printer(bootloader, **({"mcu": "rp2040"} if bootloader == "picoboot" else {}))
     daemon()
     wait_for(lambda: props_of(dbus_client, "mcu")["State"] == "application", timeout=15)
     path = dbus_client.get_mcu("mcu")

@@ -420,12 +420,14 @@ class UsbDeviceSim:
         self._handler = None
 
     def plug(self, testbed, port, busnum, devnum):
-        """record() + add_from_string() (which sends the "add" uevent) +
-        attach(); returns the syspath."""
+        """record() + attach() + add_from_string() (which sends the "add"
+        uevent); returns the syspath.  The ioctl handler is in place before
+        the event, as a real device answers once udev announces it."""
         tb = getattr(testbed, "tb", testbed)
-        if not tb.add_from_string(self.record(port, busnum, devnum)):
-            raise RuntimeError("umockdev did not add the device")
+        record = self.record(port, busnum, devnum)
         self.attach(tb)
+        if not tb.add_from_string(record):
+            raise RuntimeError("umockdev did not add the device")
         return self.syspath
 
     def unplug(self, testbed, uevent=True):

@@ -58,9 +58,9 @@ import canhub  # noqa: E402
 from linux_mcu import LinuxMcuProcess  # noqa: E402
 
 MAIN = dict(name="mcu", mcu="stm32f429xx", serial="2E0036000851363131363530", port="1-1.2",
-            version=harness.HOST_VERSION)
+            version=harness.HOST_VERSION, bootloader="stm32-dfu")
 EDDY = dict(name="mcu eddy", mcu="rp2040", serial="E66138935F4A2B2C", port="1-1.3",
-            version=harness.OLD_VERSION)
+            version=harness.OLD_VERSION, bootloader="picoboot")
 EBBCAN = dict(name="mcu EBBCan", mcu="stm32g0b1xx", uuid="0e0d81e4210c", iface="can0",
               bitrate=1000000, version=harness.HOST_VERSION)
 RPI = dict(name="mcu rpi", version=harness.HOST_VERSION)
@@ -174,7 +174,7 @@ def main():
                                                       rpi_link=rpi_link))
         for b in (MAIN, EDDY):
             testbed.add_klipper_usb(serial=b["serial"], mcu=b["mcu"], version=b["version"],
-                                    port=b["port"])
+                                    port=b["port"], bootloader=b["bootloader"])
         hub = canhub.CanHub(os.path.join(env.workdir, "canhub.sock"))
         hub.start()
         hub.add_iface(EBBCAN["iface"], bitrate=EBBCAN["bitrate"])
