@@ -35,8 +35,12 @@ struct can_iface {
         uint32_t bitrate;
         bool scanning;
         bool scan_again;
+        unsigned failed_scans;          /* in a row */
+        struct event *retry;            /* after a failed scan */
         struct can_iface *next;
 };
+
+#define CAN_SCAN_RETRIES 3
 
 struct can_scan_known {
         uint8_t uuid[CANBUS_UUID_LEN];
@@ -277,6 +281,58 @@ static void can_apply_result(struct daemon *d, const char *ifname, const struct 
 
 static void can_scan_start(struct daemon *d, struct can_iface *iface);
 
+struct can_retry {
+        struct daemon *daemon;
+        char *ifname;
+};
+
+static void on_can_retry(evutil_socket_t fd, short what, void *userdata) {
+        struct can_retry *retry = userdata;
+        struct can_iface *iface = can_iface_find(retry->daemon, retry->ifname);
+
+        if (iface) {
+                event_free(iface->retry);
+                iface->retry = NULL;
+                can_scan_start(retry->daemon, iface);
+        }
+        free(retry->ifname);
+        free(retry);
+}
+
+static void can_iface_retry_later(struct daemon *d, struct can_iface *iface) {
+        struct timeval tv = { .tv_sec = 1 };
+        struct can_retry *retry;
+
+        if (iface->retry)
+                return;
+        retry = calloc(1, sizeof(*retry));
+        if (!retry || !(retry->ifname = strdup(iface->name))) {
+                free(retry);
+                return;
+        }
+        retry->daemon = d;
+        iface->retry = evtimer_new(d->base, on_can_retry, retry);
+        if (!iface->retry || evtimer_add(iface->retry, &tv) < 0) {
+                if (iface->retry)
+                        event_free(iface->retry);
+                iface->retry = NULL;
+                free(retry->ifname);
+                free(retry);
+        }
+}
+
+static void can_iface_free(struct can_iface *iface) {
+        if (iface->retry) {
+                struct can_retry *retry = event_get_callback_arg(iface->retry);
+
+                event_free(iface->retry);
+                free(retry->ifname);
+                free(retry);
+        }
+        free(iface->name);
+        free(iface);
+}
+
 static void can_scan_done(void *userdata, int result) {
         struct can_scan_job *job = userdata;
         struct daemon *d = job->daemon;
@@ -289,8 +345,14 @@ static void can_scan_done(void *userdata, int result) {
         iface = can_iface_find(d, job->ifname);
         if (iface)
                 iface->scanning = false;
-        if (result < 0)
+        if (result < 0) {
                 log_warning_errno(result, "Scanning CAN interface %s failed: %m", job->ifname);
+                /* An interface that was just announced may not take sockets
+                 * yet (or was reconfigured): try again shortly. */
+                if (iface && iface->up && ++iface->failed_scans <= CAN_SCAN_RETRIES)
+                        can_iface_retry_later(d, iface);
+        } else if (iface)
+                iface->failed_scans = 0;
 
         for (size_t i = 0; result >= 0 && i < job->n_results; i++)
                 can_apply_result(d, job->ifname, &job->results[i]);
@@ -477,8 +539,7 @@ static void can_iface_gone(void *userdata, const char *name) {
                         /* A scan still running finds no interface and only
                          * applies its results. */
                         *i = dead->next;
-                        free(dead->name);
-                        free(dead);
+                        can_iface_free(dead);
                         return;
                 }
 }
@@ -500,8 +561,7 @@ void daemon_can_stop(struct daemon *d) {
                 struct can_iface *i = d->can_ifaces;
 
                 d->can_ifaces = i->next;
-                free(i->name);
-                free(i);
+                can_iface_free(i);
         }
 }
 

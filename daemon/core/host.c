@@ -104,6 +104,10 @@ static void host_apply_mcu(struct daemon *d, const struct klippy_mcu_info *info)
 bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m) {
         if (!d->klipper_running)
                 return false;
+        /* A job owns its MCU's link (it stopped Klipper first, or Klipper
+         * did not hold it), and Klipper never talks to a bootloader. */
+        if (!streq(m->job, "/") || m->speaks_katapult || m->state_id == MCU_STATE_BOOTLOADER)
+                return false;
         /* Until the daemon knows which printer.cfg Klipper runs, every MCU
          * may be one of Klipper's. */
         if (!d->printercfg && isempty(d->config->printer_config))

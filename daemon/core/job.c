@@ -341,6 +341,7 @@ static void on_klipper_stopped(void *userdata, int result, const char *job_resul
 int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct job_ops *ops,
               void *data, struct job **ret) {
         struct job *j;
+        bool held;
         int r;
 
         if (!streq(m->job, "/"))
@@ -372,6 +373,9 @@ int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct 
                 return -ENOMEM;
         }
 
+        /* Before the MCU is marked as the job's: then it is no longer
+         * Klipper's (daemon_mcu_held_by_klipper()). */
+        held = daemon_mcu_held_by_klipper(d, m);
         j->next = d->jobs;
         d->jobs = j;
         bus_job_added(d, j);
@@ -379,7 +383,7 @@ int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct 
         registry_commit(d->registry, m);
 
         job_set_state(j, JOB_STATE_RUNNING);
-        if (daemon_mcu_held_by_klipper(d, m)) {
+        if (held) {
                 job_set_phase(j, JOB_PHASE_STOPPING_KLIPPER);
                 r = unit_stop(d->bus, d->base, d->config->klipper_service, on_klipper_stopped, j, &j->unit_op);
                 if (r < 0)

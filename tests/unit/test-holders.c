@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -15,9 +16,9 @@
 
 #include "transport/holders.h"
 
-/* Fork a child that opens @path (and keeps @keep_fd if >= 0) and waits;
- * returns its pid once the open is done. */
-static pid_t spawn_holder(const char *path, int keep_fd) {
+/* Fork a child that opens @path and waits; it keeps the pty master
+ * @master only when @keep_master.  Returns its pid once the open is done. */
+static pid_t spawn_holder(const char *path, int master, bool keep_master) {
         int ready[2];
         pid_t pid;
         char c;
@@ -26,10 +27,12 @@ static pid_t spawn_holder(const char *path, int keep_fd) {
         pid = fork();
         assert_true(pid >= 0);
         if (pid == 0) {
-                int fd = path ? open(path, O_RDWR | O_NOCTTY) : -1;
+                int fd;
 
+                if (!keep_master)
+                        close(master);
+                fd = open(path, O_RDWR | O_NOCTTY);
                 (void) fd;
-                (void) keep_fd;
                 (void) !write(ready[1], "x", 1);
                 pause();
                 _exit(0);
@@ -61,7 +64,7 @@ static void test_pty(void **state) {
         assert_int_equal(tty_find_holder(slave, &holder, comm, sizeof(comm)), 0);
 
         /* Another process opens the slave: a holder. */
-        pid = spawn_holder(slave, -1);
+        pid = spawn_holder(slave, master, false);
         assert_int_equal(tty_find_holder(slave, &holder, comm, sizeof(comm)), 1);
         assert_int_equal(holder, pid);
         reap(pid);
@@ -69,7 +72,7 @@ static void test_pty(void **state) {
 
         /* A child that inherits the master and opens the slave owns the pty
          * (like klipper_mcu): not a holder. */
-        pid = spawn_holder(slave, master);
+        pid = spawn_holder(slave, master, true);
         assert_int_equal(tty_find_holder(slave, &holder, comm, sizeof(comm)), 0);
         reap(pid);
 
