@@ -265,3 +265,53 @@ def test_job_retention(usb_printer, daemon, dbus_client, wait_for):
     wait_job(dbus_client, wait_for, job)
     wait_for(lambda: job not in dbus_client.call("/io/mcuflash1", "io.mcuflash1.Manager", "ListJobs"),
              timeout=10, what="job dropped after JobRetentionSec")
+
+
+def test_device_already_in_its_bootloader_gets_its_own_object(testbed, klipper_checkout, daemon,
+                                                              dbus_client, wait_for, ctl):
+    """A board plugged in with BOOT held (or an empty chip): no Klipper ever
+    ran, the ROM bootloader is all there is."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sim"))
+    import usb_boot
+    klipper_checkout(HOST)
+    daemon()
+    values = testbed._usb_values("1-1.6")
+    sim = usb_boot.Rp2040BootSim(serial="E0C9125B0D9B")
+    sim.plug(testbed.tb, "1-1.6", values["BUSNUM"], values["DEVNUM"])
+    try:
+        props = wait_for(lambda: (lambda l: dbus_client.mcu_props(l[0]) if l else None)(
+            dbus_client.list_mcus()), timeout=10, what="the BOOTSEL device")
+        assert (props["State"], props["Bootloader"], props["Transport"]) == ("bootloader", "picoboot", "usb")
+        assert props["Id"] == "E0C9125B0D9B" and props["McuType"] == "rp2040"
+        assert (props["UsbVendorId"], props["UsbProductId"]) == (0x2e8a, 0x0003)
+        assert props["UsbPort"] == "1-1.6"
+        status = json.loads(ctl("status", "--json").stdout)
+        assert status["mcus"][0]["state"] == "bootloader"
+    finally:
+        sim.unplug(testbed.tb)
+    wait_for(lambda: dbus_client.mcu_props(dbus_client.list_mcus()[0])["State"] == "offline", timeout=10)
+
+
+def test_monitor_shows_a_job_as_it_happens(usb_printer, daemon, dbus_client, wait_for, bus):
+    usb_printer("katapult")
+    daemon()
+    wait_for(lambda: props_of(dbus_client, "mcu")["State"] == "application", timeout=15)
+    mon = subprocess.Popen([harness.ctl_binary(), "monitor", "--json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=harness.clean_env(DBUS_SYSTEM_BUS_ADDRESS=bus))
+    try:
+        assert "Watching" in mon.stderr.readline()
+        job = start(dbus_client, "mcu", "RebootToBootloader")
+        wait_job(dbus_client, wait_for, job)
+        events = []
+        for line in mon.stdout:
+            events.append(json.loads(line))
+            if any(e.get("event") == "job-finished" for e in events) and any(
+                    e.get("properties", {}).get("State") == "bootloader" for e in events):
+                break
+    finally:
+        mon.terminate()
+        mon.wait(5)
+    kinds = [e["event"] for e in events]
+    assert "job-added" in kinds and "job-finished" in kinds and "mcu-changed" in kinds
+    assert mon.returncode == 0
