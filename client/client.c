@@ -572,10 +572,33 @@ int client_json_add_string(json_object *object, const char *key, const char *val
         return 0;
 }
 
-int mcu_info_to_json(const McuInfo *info, json_object **ret) {
+typedef struct JsonString {
+        const char *key;
+        const char *value;
+} JsonString;
+
+/* A new JSON object of @n string members (NULL values as "").  Returns 0 or
+ * -ENOMEM. */
+static int json_object_new_strings(const JsonString *strings, size_t n, json_object **ret) {
         _cleanup_(json_object_putp) json_object *object = NULL;
+        int r;
+
+        object = json_object_new_object();
+        if (!object)
+                return -ENOMEM;
+
+        for (size_t i = 0; i < n; i++) {
+                r = client_json_add_string(object, strings[i].key, strings[i].value);
+                if (r < 0)
+                        return r;
+        }
+
+        *ret = TAKE_PTR(object);
+        return 0;
+}
+
+int mcu_info_to_json(const McuInfo *info, json_object **ret) {
         char vid[8] = "", pid[8] = "", flash_start[24] = "";
-        int r = 0;
 
         if (info->usb_vendor_id > 0 && info->usb_vendor_id <= 0xffff)
                 snprintf(vid, sizeof(vid), "%04" PRIx64, info->usb_vendor_id);
@@ -584,14 +607,7 @@ int mcu_info_to_json(const McuInfo *info, json_object **ret) {
         if (info->flash_start > 0)
                 snprintf(flash_start, sizeof(flash_start), "0x%08" PRIx64, info->flash_start);
 
-        object = json_object_new_object();
-        if (!object)
-                return -ENOMEM;
-
-        const struct {
-                const char *key;
-                const char *value;
-        } entries[] = {
+        const JsonString entries[] = {
                 { "id",                   info->id                   },
                 { "name",                 info->name                 },
                 { "transport",            info->transport            },
@@ -615,13 +631,7 @@ int mcu_info_to_json(const McuInfo *info, json_object **ret) {
                 { "object_path",          info->object_path          },
         };
 
-        for (size_t i = 0; i < ELEMENTSOF(entries) && r >= 0; i++)
-                r = client_json_add_string(object, entries[i].key, entries[i].value);
-        if (r < 0)
-                return r;
-
-        *ret = TAKE_PTR(object);
-        return 0;
+        return json_object_new_strings(entries, ELEMENTSOF(entries), ret);
 }
 
 int client_print_json(json_object *object) {
@@ -736,16 +746,9 @@ json_object *client_json_double(double value) {
 int job_info_to_json(const JobInfo *info, json_object **ret) {
         _cleanup_(json_object_putp) json_object *object = NULL;
         json_object *number;
-        int r = 0;
+        int r;
 
-        object = json_object_new_object();
-        if (!object)
-                return -ENOMEM;
-
-        const struct {
-                const char *key;
-                const char *value;
-        } strings[] = {
+        const JsonString strings[] = {
                 { "path",  info->object_path },
                 { "mcu",   info->mcu         },
                 { "kind",  info->kind        },
@@ -753,8 +756,7 @@ int job_info_to_json(const JobInfo *info, json_object **ret) {
                 { "phase", info->phase       },
         };
 
-        for (size_t i = 0; i < ELEMENTSOF(strings) && r >= 0; i++)
-                r = client_json_add_string(object, strings[i].key, strings[i].value);
+        r = json_object_new_strings(strings, ELEMENTSOF(strings), &object);
         if (r < 0)
                 return r;
 

@@ -207,6 +207,7 @@ int verb_status(int argc, char *argv[]);
 int verb_info(int argc, char *argv[]);
 int verb_bootloader(int argc, char *argv[]);
 int verb_reboot(int argc, char *argv[]);
+int verb_flash(int argc, char *argv[]);
 int verb_jobs(int argc, char *argv[]);
 int verb_cancel(int argc, char *argv[]);
 int verb_monitor(int argc, char *argv[]);

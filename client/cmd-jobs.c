@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "client.h"
+#include "table.h"
 
 static const char jobs_usage[] =
         "Usage: mcuflashctl jobs [--json]\n"
@@ -198,49 +199,18 @@ static const char *error_text(const JobInfo *job) {
         return name ?: job->error;
 }
 
-static void free_cells(char *(*cells)[_COLUMN_MAX], size_t n_rows) {
-        if (!cells)
-                return;
-        for (size_t i = 0; i < n_rows; i++)
-                for (size_t j = 0; j < _COLUMN_MAX; j++)
-                        free(cells[i][j]);
-        free(cells);
-}
-
-/* Characters on screen, counting each UTF-8 sequence once. */
-static size_t text_width(const char *s) {
-        size_t width = 0;
-
-        for (; *s; s++)
-                if (((unsigned char) *s & 0xc0) != 0x80)
-                        width++;
-        return width;
-}
-
-static void print_row(char *const *cells, const size_t *widths) {
-        for (size_t j = 0; j < _COLUMN_MAX; j++) {
-                fputs(cells[j], stdout);
-                if (j + 1 < _COLUMN_MAX)
-                        printf("%*s", (int) (widths[j] - text_width(cells[j]) + 2), "");
-        }
-        putchar('\n');
-}
-
 static int print_jobs_table(const JobList *list) {
-        char *(*cells)[_COLUMN_MAX] = NULL;
-        size_t widths[_COLUMN_MAX];
+        Table table;
+        int r;
 
         if (list->n_rows == 0) {
                 puts("No jobs.");
                 return 0;
         }
 
-        cells = calloc(list->n_rows, sizeof(*cells));
-        if (!cells)
-                return client_error_errno(ENOMEM, "Out of memory");
-
-        for (size_t j = 0; j < _COLUMN_MAX; j++)
-                widths[j] = text_width(column_titles[j]);
+        r = table_init(&table, column_titles, _COLUMN_MAX, list->n_rows);
+        if (r < 0)
+                return r;
 
         for (size_t i = 0; i < list->n_rows; i++) {
                 const JobInfo *job = &list->rows[i].job;
@@ -259,21 +229,15 @@ static int print_jobs_table(const JobList *list) {
                         [COLUMN_ERROR] = error_text(job),
                 };
 
-                for (size_t j = 0; j < _COLUMN_MAX; j++) {
-                        cells[i][j] = strdup(isempty(texts[j]) ? "-" : texts[j]);
-                        if (!cells[i][j]) {
-                                free_cells(cells, list->n_rows);
-                                return client_error_errno(ENOMEM, "Out of memory");
-                        }
-                        widths[j] = MAX(widths[j], text_width(cells[i][j]));
+                r = table_add_row(&table, texts);
+                if (r < 0) {
+                        table_done(&table);
+                        return r;
                 }
         }
 
-        print_row((char *const *) column_titles, widths);
-        for (size_t i = 0; i < list->n_rows; i++)
-                print_row(cells[i], widths);
-
-        free_cells(cells, list->n_rows);
+        table_print(&table, NULL);
+        table_done(&table);
         return 0;
 }
 

@@ -9,10 +9,10 @@
 #include <strings.h>
 
 #include "client.h"
+#include "table.h"
 
 #define ANSI_GREEN "\x1b[0;32m"
 #define ANSI_RED "\x1b[0;31m"
-#define ANSI_NORMAL "\x1b[0m"
 
 static const char status_usage[] =
         "Usage: mcuflashctl status [--json]\n"
@@ -167,16 +167,6 @@ oom:
         return client_error_errno(ENOMEM, "Out of memory");
 }
 
-/* Characters on screen, counting each UTF-8 sequence once. */
-static size_t text_width(const char *s) {
-        size_t width = 0;
-
-        for (; *s; s++)
-                if (((unsigned char) *s & 0xc0) != 0x80)
-                        width++;
-        return width;
-}
-
 static const char *match_color(const char *match) {
         if (streq(match, "yes"))
                 return ANSI_GREEN;
@@ -193,29 +183,14 @@ static const char *device_text(const McuInfo *mcu) {
         return mcu->device_path;
 }
 
-static void print_cell(const char *text, const char *color, size_t width, bool last) {
-        if (color)
-                printf("%s%s%s", color, text, ANSI_NORMAL);
-        else
-                fputs(text, stdout);
-
-        if (!last)
-                printf("%*s", (int) (width - text_width(text) + 2), "");
-}
-
-static void free_cells(char *(*cells)[_COLUMN_MAX], size_t n_rows) {
-        if (!cells)
-                return;
-        for (size_t i = 0; i < n_rows; i++)
-                for (size_t j = 0; j < _COLUMN_MAX; j++)
-                        free(cells[i][j]);
-        free(cells);
+static const char *cell_color(size_t column, const char *text) {
+        return column == COLUMN_MATCH ? match_color(text) : NULL;
 }
 
 static int print_status_table(const StatusData *data) {
-        char *(*cells)[_COLUMN_MAX] = NULL;
-        size_t widths[_COLUMN_MAX];
-        bool color = client_use_color(), any_reason = false;
+        Table table;
+        bool any_reason = false;
+        int r;
 
         printf("Host Klipper version: %s   Printer: %s\n\n",
                isempty(data->manager.host_version) ? "unknown" : data->manager.host_version,
@@ -226,12 +201,9 @@ static int print_status_table(const StatusData *data) {
                 return 0;
         }
 
-        cells = calloc(data->n_mcus, sizeof(*cells));
-        if (!cells)
-                return client_error_errno(ENOMEM, "Out of memory");
-
-        for (size_t j = 0; j < _COLUMN_MAX; j++)
-                widths[j] = text_width(column_titles[j]);
+        r = table_init(&table, column_titles, _COLUMN_MAX, data->n_mcus);
+        if (r < 0)
+                return r;
 
         for (size_t i = 0; i < data->n_mcus; i++) {
                 const McuInfo *mcu = &data->mcus[i];
@@ -248,32 +220,18 @@ static int print_status_table(const StatusData *data) {
                         [COLUMN_ID] = mcu->id,
                 };
 
-                for (size_t j = 0; j < _COLUMN_MAX; j++) {
-                        cells[i][j] = strdup(isempty(texts[j]) ? "-" : texts[j]);
-                        if (!cells[i][j]) {
-                                free_cells(cells, data->n_mcus);
-                                return client_error_errno(ENOMEM, "Out of memory");
-                        }
-                        widths[j] = MAX(widths[j], text_width(cells[i][j]));
+                r = table_add_row(&table, texts);
+                if (r < 0) {
+                        table_done(&table);
+                        return r;
                 }
 
                 if (!isempty(mcu->state_reason))
                         any_reason = true;
         }
 
-        for (size_t j = 0; j < _COLUMN_MAX; j++)
-                print_cell(column_titles[j], NULL, widths[j], j == _COLUMN_MAX - 1);
-        putchar('\n');
-
-        for (size_t i = 0; i < data->n_mcus; i++) {
-                for (size_t j = 0; j < _COLUMN_MAX; j++)
-                        print_cell(cells[i][j],
-                                   color && j == COLUMN_MATCH ? match_color(cells[i][j]) : NULL,
-                                   widths[j], j == _COLUMN_MAX - 1);
-                putchar('\n');
-        }
-
-        free_cells(cells, data->n_mcus);
+        table_print(&table, client_use_color() ? cell_color : NULL);
+        table_done(&table);
 
         if (any_reason) {
                 putchar('\n');

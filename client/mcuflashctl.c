@@ -22,6 +22,7 @@ static const Verb verbs[] = {
         { "info",       "MCU [--json]", verb_info,       "Show every property of one MCU"               },
         { "bootloader", "MCU",          verb_bootloader, "Reboot an MCU into its bootloader and wait"   },
         { "reboot",     "MCU",          verb_reboot,     "Reboot an MCU into its application and wait"  },
+        { "flash",      "MCU IMAGE",    verb_flash,      "Write a Klipper image to an MCU and wait"     },
         { "jobs",       "[--json]",     verb_jobs,       "List running and recently finished jobs"      },
         { "cancel",     "JOB",          verb_cancel,     "Cancel a job"                                 },
         { "monitor",    "[--json]",     verb_monitor,    "Print the daemon's events as they happen"     },

@@ -9,6 +9,7 @@
 #include "core/auth.h"
 #include "core/daemon.h"
 #include "core/job.h"
+#include "core/flash.h"
 #include "core/reboot.h"
 #include "shared/log.h"
 
@@ -106,10 +107,13 @@ struct reboot_request {
         bool to_bootloader;
         bool stop_klipper;
         struct auth_query *query;
+        struct image *image;            /* Flash() */
+        bool force;
 };
 
 static void reboot_request_free(struct reboot_request *req) {
         auth_query_free(req->query);
+        image_free(req->image);
         sd_bus_message_unref(req->message);
         free(req->mcu_id);
         free(req);
@@ -129,12 +133,19 @@ static void reboot_request_answer(struct reboot_request *req) {
                 bus_error_setf(&error, MCUFLASH_ERROR_NOT_FOUND, "MCU %s is gone.", req->mcu_id);
                 goto fail;
         }
-        r = reboot_check(d, m, req->to_bootloader, req->stop_klipper, &code, &message);
+        if (req->image)
+                r = flash_check(d, m, req->image, req->stop_klipper, &code, &message);
+        else
+                r = reboot_check(d, m, req->to_bootloader, req->stop_klipper, &code, &message);
         if (r == -EPERM) {
                 bus_error_setf(&error, code, "%s", message);
                 goto fail;
         }
-        if (r >= 0)
+        if (r >= 0 && req->image) {
+                r = flash_start(d, m, req->image, req->force, &j);
+                if (r >= 0)
+                        req->image = NULL;      /* the job's now */
+        } else if (r >= 0)
                 r = reboot_start(d, m, req->to_bootloader, &j);
         if (r == -EBUSY) {
                 bus_error_setf(&error, MCUFLASH_ERROR_BUSY, "MCU %s already has a job running.", m->id);
@@ -168,8 +179,9 @@ static void on_reboot_authorized(void *userdata, int result) {
 }
 
 /* Read the a{sv} options of a job method.  Unknown options are an error:
- * a caller that asks for something must not get something else. */
-static int read_reboot_options(sd_bus_message *msg, bool *stop_klipper, sd_bus_error *error) {
+ * a caller that asks for something must not get something else.  @force
+ * NULL: the method takes no "force". */
+static int read_job_options(sd_bus_message *msg, bool *stop_klipper, bool *force, sd_bus_error *error) {
         int r;
 
         r = sd_bus_message_enter_container(msg, 'a', "{sv}");
@@ -182,13 +194,16 @@ static int read_reboot_options(sd_bus_message *msg, bool *stop_klipper, sd_bus_e
                 r = sd_bus_message_read(msg, "s", &key);
                 if (r < 0)
                         return r;
-                if (!streq(key, "stop-klipper"))
+                if (!streq(key, "stop-klipper") && !(force && streq(key, "force")))
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS, "Unknown option '%s'.", key);
                 r = sd_bus_message_read(msg, "v", "b", &b);
                 if (r < 0)
                         return sd_bus_error_setf(error, SD_BUS_ERROR_INVALID_ARGS,
-                                                 "Option 'stop-klipper' takes a boolean.");
-                *stop_klipper = b;
+                                                 "Option '%s' takes a boolean.", key);
+                if (streq(key, "force"))
+                        *force = b;
+                else
+                        *stop_klipper = b;
                 r = sd_bus_message_exit_container(msg);
                 if (r < 0)
                         return r;
@@ -206,7 +221,7 @@ static int method_reboot(sd_bus_message *msg, struct mcu *m, bool to_bootloader,
         bool stop_klipper = true;
         int r;
 
-        r = read_reboot_options(msg, &stop_klipper, error);
+        r = read_job_options(msg, &stop_klipper, NULL, error);
         if (r < 0)
                 return r;
         /* Refuse what can be refused before asking anybody for a password. */
@@ -226,6 +241,59 @@ static int method_reboot(sd_bus_message *msg, struct mcu *m, bool to_bootloader,
         req->to_bootloader = to_bootloader;
         req->stop_klipper = stop_klipper;
         r = auth_check_async(d->bus, d->base, msg, auth_action_for("io.mcuflash1.Mcu", sd_bus_message_get_member(msg)),
+                             on_reboot_authorized, req, &req->query);
+        if (r < 0) {
+                reboot_request_free(req);
+                return r;
+        }
+        return 1;
+}
+
+#define IMAGE_MAX_SIZE (16 * 1024 * 1024)
+
+static int method_flash(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        struct mcu *m = userdata;
+        struct daemon *d = m->daemon;
+        _cleanup_(image_freep) struct image *img = NULL;
+        _cleanup_free_ char *message = NULL;
+        struct reboot_request *req;
+        enum mcuflash_error code;
+        bool stop_klipper = true, force = false;
+        int fd, r;
+
+        r = sd_bus_message_read(msg, "h", &fd);
+        if (r < 0)
+                return r;
+        r = read_job_options(msg, &stop_klipper, &force, error);
+        if (r < 0)
+                return r;
+        /* The caller opened the file: the daemon never opens caller-named
+         * paths as root.  image_load_fd() copies it into a sealed memfd
+         * first, so nothing the caller does later can change it. */
+        r = image_load_fd(fd, IMAGE_MAX_SIZE, &img, &message);
+        if (r < 0)
+                return bus_error_setf(error, MCUFLASH_ERROR_INVALID_IMAGE, "%s",
+                                      message ?: "The image cannot be read.");
+        free(message);
+        message = NULL;
+        r = flash_check(d, m, img, stop_klipper, &code, &message);
+        if (r == -EPERM)
+                return bus_error_setf(error, code, "%s", message);
+        if (r < 0)
+                return r;
+
+        req = calloc(1, sizeof(*req));
+        if (!req || !(req->mcu_id = strdup(m->id))) {
+                free(req);
+                return -ENOMEM;
+        }
+        req->daemon = d;
+        req->message = sd_bus_message_ref(msg);
+        req->to_bootloader = true;
+        req->stop_klipper = stop_klipper;
+        req->force = force;
+        req->image = TAKE_PTR(img);
+        r = auth_check_async(d->bus, d->base, msg, auth_action_for("io.mcuflash1.Mcu", "Flash"),
                              on_reboot_authorized, req, &req->query);
         if (r < 0) {
                 reboot_request_free(req);
@@ -270,6 +338,8 @@ static const sd_bus_vtable mcu_vtable[] = {
         SD_BUS_METHOD("Refresh", "", "", method_refresh, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_NAMES("RebootToBootloader", "a{sv}", SD_BUS_PARAM(options), "o", SD_BUS_PARAM(job),
                                  method_reboot_to_bootloader, SD_BUS_VTABLE_UNPRIVILEGED),
+        SD_BUS_METHOD_WITH_NAMES("Flash", "ha{sv}", SD_BUS_PARAM(image) SD_BUS_PARAM(options), "o",
+                                 SD_BUS_PARAM(job), method_flash, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_METHOD_WITH_NAMES("RebootToApplication", "a{sv}", SD_BUS_PARAM(options), "o", SD_BUS_PARAM(job),
                                  method_reboot_to_application, SD_BUS_VTABLE_UNPRIVILEGED),
         SD_BUS_VTABLE_END,

@@ -56,6 +56,7 @@ struct config *config_free(struct config *c) {
         free(c->api_socket);
         free(c->klipper_service);
         strv_free(c->extra_serial_devices);
+        strv_free(c->mcu_flash_starts);
         free(c);
         return NULL;
 }
@@ -70,7 +71,8 @@ static int config_copy(const struct config *c, struct config **ret) {
             free_and_strdup(&copy->printer_config, c->printer_config) < 0 ||
             free_and_strdup(&copy->api_socket, c->api_socket) < 0 ||
             free_and_strdup(&copy->klipper_service, c->klipper_service) < 0 ||
-            strv_copy(c->extra_serial_devices, &copy->extra_serial_devices) < 0)
+            strv_copy(c->extra_serial_devices, &copy->extra_serial_devices) < 0 ||
+            strv_copy(c->mcu_flash_starts, &copy->mcu_flash_starts) < 0)
                 return -ENOMEM;
         copy->identify_timeout_usec = c->identify_timeout_usec;
         copy->offline_timeout_usec = c->offline_timeout_usec;
@@ -88,6 +90,7 @@ static void config_replace(struct config *to, struct config *from) {
         free(to->api_socket);
         free(to->klipper_service);
         strv_free(to->extra_serial_devices);
+        strv_free(to->mcu_flash_starts);
         *to = *from;
         memset(from, 0, sizeof(*from));
 }
@@ -293,12 +296,57 @@ enum config_section {
         SECTION_KLIPPER,
         SECTION_DISCOVERY,
         SECTION_JOBS,
+        SECTION_MCU,
         SECTION_UNKNOWN,
 };
 
+/* The id of the [Mcu ID] section being read (parser state). */
+struct config_mcu_section {
+        char id[128];
+};
+
+static int assign_flash_start(struct config *c, const struct config_location *loc,
+                              const char *id, const char *value) {
+        _cleanup_free_ char *entry = NULL;
+        unsigned long long v;
+        char *end;
+
+        errno = 0;
+        v = strtoull(value, &end, 0);
+        if (errno || end == value || *end) {
+                log_error("%s:%u: Invalid address for FlashStart=: '%s' (write it like 0x08008000).",
+                          loc->path, loc->line, value);
+                return -EINVAL;
+        }
+        if (asprintf(&entry, "%s=%llu", id, v) < 0)
+                return -ENOMEM;
+        return strv_extend(&c->mcu_flash_starts, entry);
+}
+
+int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret) {
+        size_t len = strlen(id);
+        int r = -ENOENT;
+
+        /* The last setting wins. */
+        for (char **e = c->mcu_flash_starts; e && *e; e++)
+                if (strncmp(*e, id, len) == 0 && (*e)[len] == '=') {
+                        *ret = strtoull(*e + len + 1, NULL, 10);
+                        r = 0;
+                }
+        return r;
+}
+
 static int config_assign(struct config *c, const struct config_location *loc,
-                         enum config_section section, const char *key, const char *value) {
+                         enum config_section section, const char *mcu_id, const char *key,
+                         const char *value) {
         switch (section) {
+        case SECTION_MCU:
+                if (streq(key, "FlashStart"))
+                        return assign_flash_start(c, loc, mcu_id, value);
+                log_warning("%s:%u: Unknown key '%s' in section [Mcu %s], ignoring.",
+                            loc->path, loc->line, key, mcu_id);
+                return 0;
+
         case SECTION_KLIPPER:
                 if (streq(key, "Path"))
                         return assign_path(loc, key, value, &c->klipper_path);
@@ -349,7 +397,7 @@ static int config_assign(struct config *c, const struct config_location *loc,
 }
 
 static int config_parse_line(struct config *c, const struct config_location *loc,
-                             enum config_section *section, char *line) {
+                             enum config_section *section, struct config_mcu_section *mcu, char *line) {
         char *l = strstrip(line), *eq, *key, *value;
 
         if (!*l || *l == '#' || *l == ';')
@@ -371,7 +419,11 @@ static int config_parse_line(struct config *c, const struct config_location *loc
                         *section = SECTION_DISCOVERY;
                 else if (streq(name, "Jobs"))
                         *section = SECTION_JOBS;
-                else {
+                else if (startswith(name, "Mcu ") && !isempty(strstrip(name + 4)) &&
+                         strlen(strstrip(name + 4)) < sizeof(mcu->id)) {
+                        *section = SECTION_MCU;
+                        strcpy(mcu->id, strstrip(name + 4));
+                } else {
                         log_warning("%s:%u: Unknown section [%s], ignoring its contents.",
                                     loc->path, loc->line, name);
                         *section = SECTION_UNKNOWN;
@@ -393,7 +445,7 @@ static int config_parse_line(struct config *c, const struct config_location *loc
                 return -EINVAL;
         }
 
-        return config_assign(c, loc, *section, key, value);
+        return config_assign(c, loc, *section, mcu->id, key, value);
 }
 
 int config_load(struct config *c, const char *path, bool missing_ok) {
@@ -401,6 +453,7 @@ int config_load(struct config *c, const char *path, bool missing_ok) {
         _cleanup_fclose_ FILE *f = NULL;
         _cleanup_free_ char *line = NULL;
         enum config_section section = SECTION_NONE;
+        struct config_mcu_section mcu = {};
         struct config_location loc = { .path = path };
         size_t allocated = 0;
         int r;
@@ -430,7 +483,7 @@ int config_load(struct config *c, const char *path, bool missing_ok) {
                 }
                 loc.line++;
 
-                r = config_parse_line(scratch, &loc, &section, line);
+                r = config_parse_line(scratch, &loc, &section, &mcu, line);
                 if (r == -ENOMEM)
                         return log_oom();
                 if (r < 0)

@@ -21,6 +21,10 @@ struct config {
         uint64_t identify_timeout_usec; /* IdentifyTimeoutSec= (default 5) */
         uint64_t offline_timeout_usec;  /* OfflineTimeoutSec= (default 600; 0 = keep until Rescan) */
 
+        /* [Mcu ID] sections: "ID=ADDRESS" of FlashStart= (where the
+         * application starts, for bootloaders that cannot tell). */
+        char **mcu_flash_starts;
+
         /* [Jobs] */
         uint64_t bootloader_timeout_usec; /* BootloaderTimeoutSec= (default 15) */
         uint64_t job_retention_usec;    /* JobRetentionSec= (default 600) */
@@ -36,6 +40,9 @@ int config_load(struct config *c, const char *path, bool missing_ok);
 
 struct config *config_free(struct config *c);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct config *, config_free);
+
+/* FlashStart= of the [Mcu @id] section: 0 and *ret, or -ENOENT. */
+int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret);
 
 /* Parse "5", "1.5", "250ms", "2min", "1h" into microseconds: a decimal
  * number (seconds without a unit) optionally followed by one of us, usec,

@@ -134,6 +134,12 @@ static const struct printercfg_mcu *daemon_printercfg_entry(struct daemon *d, co
 /* Name and UART speed as printer.cfg says. */
 void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
         const struct printercfg_mcu *entry = daemon_printercfg_entry(d, m);
+        uint64_t flash_start;
+
+        /* mcuflashd.conf's [Mcu ID] FlashStart=, for bootloaders that cannot
+         * tell where the application goes (Katapult's CONNECT overrides). */
+        if (m->flash_start == 0 && config_mcu_flash_start(d->config, m->id, &flash_start) >= 0)
+                mcu_set_flash_start(m, flash_start);
 
         (void) mcu_set_string(m, MCU_PROP_NAME, entry ? entry->name : "");
         if (m->transport_id == MCU_TRANSPORT_SERIAL)

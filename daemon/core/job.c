@@ -357,8 +357,6 @@ int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct 
         j->state = job_state_to_string(j->state_id);
         j->phase_id = JOB_PHASE_PREPARING;
         j->phase = job_phase_to_string(j->phase_id);
-        j->ops = ops;
-        j->data = data;
         if (asprintf(&j->object_path, JOB_OBJECT_PATH_PREFIX "/%u", j->number) < 0) {
                 j->object_path = NULL;
                 job_free(j);
@@ -372,6 +370,9 @@ int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct 
                 job_free(j);
                 return -ENOMEM;
         }
+        /* Only now: on failure above, @data stays the caller's. */
+        j->ops = ops;
+        j->data = data;
 
         /* Before the MCU is marked as the job's: then it is no longer
          * Klipper's (daemon_mcu_held_by_klipper()). */

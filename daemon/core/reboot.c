@@ -36,27 +36,8 @@
 #define CAN_RESCAN_INTERVAL_USEC (1000 * 1000)
 #define KATAPULT_TIMEOUT_MS 2000
 
-struct reboot {
-        bool to_bootloader;
-        /* What the worker needs, copied from the MCU on the main loop. */
-        enum mcu_transport transport;
-        char *device_path;
-        unsigned baud;
-        char *can_interface;
-        uint8_t uuid[CANBUS_UUID_LEN];
-        unsigned can_nodeid;
-        char *bootloader;
-        uint64_t flash_start;
-        unsigned busnum, devnum;
-        struct katapult_info katapult;   /* UART: Katapult answered on the same tty */
-        bool katapult_found;
-        bool worker_running;
-        struct event *rescan;            /* CAN: scan the bus again while waiting */
-};
 
-static void reboot_free(struct job *j) {
-        struct reboot *rb = j->data;
-
+void reboot_data_done(struct reboot *rb) {
         if (!rb)
                 return;
         if (rb->rescan)
@@ -64,7 +45,11 @@ static void reboot_free(struct job *j) {
         free(rb->device_path);
         free(rb->can_interface);
         free(rb->bootloader);
-        free(rb);
+}
+
+static void reboot_free(struct job *j) {
+        reboot_data_done(j->data);
+        free(j->data);
 }
 
 /* ---- worker bodies ----------------------------------------------------- */
@@ -170,7 +155,14 @@ static void reboot_stop_rescans(struct reboot *rb) {
 }
 
 static void reboot_succeed(struct job *j, struct mcu *m) {
-        reboot_stop_rescans(j->data);
+        struct reboot *rb = j->data;
+
+        reboot_stop_rescans(rb);
+        job_disarm_timeout(j);
+        if (rb->reached) {
+                rb->reached(j);
+                return;
+        }
         job_set_fraction(j, 1.0);
         job_finish(j, JOB_STATE_SUCCEEDED, 0, "%s", "");
 }
@@ -290,7 +282,15 @@ static void reboot_worker_done(void *userdata, int result) {
         reboot_wait(j);
 }
 
-static void reboot_run(struct job *j) {
+void reboot_step(struct job *j, bool to_bootloader, void (*reached)(struct job *j)) {
+        struct reboot *rb = j->data;
+
+        rb->to_bootloader = to_bootloader;
+        rb->reached = reached;
+        reboot_run(j);
+}
+
+void reboot_run(struct job *j) {
         struct reboot *rb = j->data;
         struct mcu *m = job_mcu(j);
         int r;
@@ -330,7 +330,7 @@ static void reboot_run(struct job *j) {
         m->link_busy = true;
 }
 
-static void reboot_mcu_changed(struct job *j, struct mcu *m) {
+void reboot_mcu_changed(struct job *j, struct mcu *m) {
         struct reboot *rb = j->data;
 
         if (rb->worker_running || !j->timer)
@@ -339,7 +339,7 @@ static void reboot_mcu_changed(struct job *j, struct mcu *m) {
                 reboot_succeed(j, m);
 }
 
-static int reboot_cancel(struct job *j) {
+int reboot_cancel(struct job *j) {
         struct reboot *rb = j->data;
         struct mcu *m = job_mcu(j);
         char where[256];

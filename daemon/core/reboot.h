@@ -3,7 +3,12 @@
 
 #include <stdbool.h>
 
+#include <stdint.h>
+
 #include "bus/errors.h"
+#include "core/mcu.h"
+#include "proto/canbus.h"
+#include "proto/katapult.h"
 
 struct daemon;
 struct job;
@@ -17,3 +22,39 @@ int reboot_check(struct daemon *d, struct mcu *m, bool to_bootloader, bool stop_
 
 /* Start the job (reboot_check() passed). */
 int reboot_start(struct daemon *d, struct mcu *m, bool to_bootloader, struct job **ret);
+
+/* The reboot step, also used inside other jobs (a flash job's data starts
+ * with a struct reboot).  What the worker needs is copied from the MCU on
+ * the main loop. */
+struct reboot {
+        bool to_bootloader;
+        /* What the worker needs, copied from the MCU on the main loop. */
+        enum mcu_transport transport;
+        char *device_path;
+        unsigned baud;
+        char *can_interface;
+        uint8_t uuid[CANBUS_UUID_LEN];
+        unsigned can_nodeid;
+        char *bootloader;
+        uint64_t flash_start;
+        unsigned busnum, devnum;
+        struct katapult_info katapult;   /* UART: Katapult answered on the same tty */
+        bool katapult_found;
+        bool worker_running;
+        struct event *rescan;            /* CAN: scan the bus again while waiting */
+        /* Part of a bigger job (a flash): called instead of finishing the
+         * job when the MCU got where it was sent. */
+        void (*reached)(struct job *j);
+};
+
+void reboot_data_done(struct reboot *rb);
+
+/* Send the job's MCU into its bootloader (or back) and wait until it is
+ * there; then call @reached (the job goes on) — or, with NULL, finish the
+ * job as succeeded.  Failures finish the job. */
+void reboot_step(struct job *j, bool to_bootloader, void (*reached)(struct job *j));
+
+/* job_ops pieces for jobs built on the reboot step. */
+void reboot_run(struct job *j);
+void reboot_mcu_changed(struct job *j, struct mcu *m);
+int reboot_cancel(struct job *j);

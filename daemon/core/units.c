@@ -215,23 +215,33 @@ static int unit_op_new(sd_bus *bus, struct event_base *base, const char *unit, e
 
 /* --- state ----------------------------------------------------------------- */
 
-static int on_active_state(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
-        struct unit_op *op = userdata;
+/* Reads the string in a Properties.Get reply.  On failure the operation is
+ * finished (and may be gone) and false returned. */
+static bool unit_op_read_state(struct unit_op *op, sd_bus_message *reply, const char *property,
+                               const char **ret) {
         const sd_bus_error *error;
-        const char *state;
         int r;
 
         op->call_slot = sd_bus_slot_unref(op->call_slot);
         error = sd_bus_message_get_error(reply);
         if (error) {
                 unit_op_finish(op, unit_op_error(op, error), NULL);
-                return 0;
+                return false;
         }
-        r = sd_bus_message_read(reply, "v", "s", &state);
+        r = sd_bus_message_read(reply, "v", "s", ret);
         if (r < 0) {
-                unit_op_finish(op, log_warning_errno(r, "Cannot read the ActiveState of %s: %m", op->unit), NULL);
-                return 0;
+                unit_op_finish(op, log_warning_errno(r, "Cannot read the %s of %s: %m", property, op->unit), NULL);
+                return false;
         }
+        return true;
+}
+
+static int on_active_state(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
+        struct unit_op *op = userdata;
+        const char *state;
+
+        if (!unit_op_read_state(op, reply, "ActiveState", &state))
+                return 0;
         log_debug("ActiveState of %s: %s.", op->unit, state);
         unit_op_finish(op, 0, state);
         return 0;
@@ -239,21 +249,11 @@ static int on_active_state(sd_bus_message *reply, void *userdata, sd_bus_error *
 
 static int on_load_state(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
         struct unit_op *op = userdata;
-        const sd_bus_error *error;
         const char *state;
         int r;
 
-        op->call_slot = sd_bus_slot_unref(op->call_slot);
-        error = sd_bus_message_get_error(reply);
-        if (error) {
-                unit_op_finish(op, unit_op_error(op, error), NULL);
+        if (!unit_op_read_state(op, reply, "LoadState", &state))
                 return 0;
-        }
-        r = sd_bus_message_read(reply, "v", "s", &state);
-        if (r < 0) {
-                unit_op_finish(op, log_warning_errno(r, "Cannot read the LoadState of %s: %m", op->unit), NULL);
-                return 0;
-        }
         if (streq(state, "not-found")) {
                 log_debug("systemd does not know %s.", op->unit);
                 unit_op_finish(op, -ENOENT, "inactive");

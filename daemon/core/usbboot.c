@@ -20,15 +20,18 @@ struct usb_bootloader_id {
         const char *bootloader;         /* Mcu.Bootloader */
         const char *firmware;           /* Mcu.Firmware while it runs */
         const char *mcu_type;           /* when the id alone tells, else NULL */
+        uint64_t flash_start;           /* where an application starts, when the chip tells; 0 = unknown */
 };
 
 static const struct usb_bootloader_id usb_bootloaders[] = {
-        { 0x0483, 0xdf11, "stm32-dfu", "STM32 ROM DFU", NULL },
-        { 0x2e8a, 0x0003, "picoboot", "RP2040 boot ROM", "rp2040" },
-        { 0x2e8a, 0x000f, "picoboot", "RP2350 boot ROM", "rp2350" },
-        { 0x1eaf, 0x0003, "stm32duino", "stm32duino bootloader", NULL },
-        { 0x1209, 0xbeba, "hid", "HID bootloader", NULL },
-        { 0x16c0, 0x0478, "halfkay", "Teensy HalfKay", NULL },
+        { 0x0483, 0xdf11, "stm32-dfu", "STM32 ROM DFU", NULL, 0 },
+        /* The boot ROM starts whatever is at the start of flash (boot2 then
+         * the application): nothing of a bootloader's sits below it. */
+        { 0x2e8a, 0x0003, "picoboot", "RP2040 boot ROM", "rp2040", 0x10000000 },
+        { 0x2e8a, 0x000f, "picoboot", "RP2350 boot ROM", "rp2350", 0x10000000 },
+        { 0x1eaf, 0x0003, "stm32duino", "stm32duino bootloader", NULL, 0x08002000 },
+        { 0x1209, 0xbeba, "hid", "HID bootloader", NULL, 0 },
+        { 0x16c0, 0x0478, "halfkay", "Teensy HalfKay", NULL, 0 },
 };
 
 static const struct usb_bootloader_id *usb_bootloader_lookup(uint16_t vid, uint16_t pid) {
@@ -100,6 +103,10 @@ void daemon_usb_added(void *userdata, const struct udev_usb_info *info) {
         (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, "");
         if (id->mcu_type && isempty(m->mcu_type))
                 (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, id->mcu_type);
+        /* Only where nothing better is known: an MCU that was seen in
+         * Katapult keeps Katapult's application start. */
+        if (id->flash_start && m->flash_start == 0)
+                mcu_set_flash_start(m, id->flash_start);
         mcu_update_version_match(m, d->host_version);
 
         if (is_new) {

@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "proto/klipper.h"
+#include "proto/stream.h"
 #include "shared/log.h"
 #include "shared/time-util.h"
 
@@ -177,34 +178,14 @@ error:
         return -1;
 }
 
+static int decoder_parse_any(void *decoder, void *ret) {
+        return decoder_parse(decoder, ret);
+}
+
 int klipper_decoder_feed(struct klipper_decoder *d, const uint8_t *data, size_t len,
                          size_t *consumed, struct klipper_block *ret) {
-        size_t taken = 0;
-
-        for (;;) {
-                size_t n;
-                int r;
-
-                r = decoder_parse(d, ret);
-                if (r > 0) {
-                        *consumed = taken;
-                        return 1;
-                }
-                if (r < 0)
-                        continue;
-
-                if (taken == len) {
-                        *consumed = taken;
-                        return 0;
-                }
-
-                /* Needing more means less than one block is buffered, so
-                 * there is always room here. */
-                n = MIN(sizeof(d->buf) - d->fill, len - taken);
-                memcpy(d->buf + d->fill, data + taken, n);
-                d->fill += n;
-                taken += n;
-        }
+        return stream_feed(d, d->buf, sizeof(d->buf), &d->fill, decoder_parse_any, data, len, consumed,
+                           ret);
 }
 
 /* Milliseconds until @until, rounded up so that a wait never ends early. */

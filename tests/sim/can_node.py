@@ -72,7 +72,7 @@ import katapult_core  # noqa: E402
 import klipper_dict  # noqa: E402
 import klipper_proto  # noqa: E402
 from klipper_proto import build_block  # noqa: E402
-from simthread import ThreadedSim  # noqa: E402
+from simthread import ThreadedSim, parse_fault  # noqa: E402
 
 DEFAULT_VERSION = "v0.13.0-46-g8c72b4a5"
 DEFAULT_KATAPULT_VERSION = katapult_core.DEFAULT_KATAPULT_VERSION
@@ -130,16 +130,6 @@ FAULTS = {
     "disconnect": "disconnect[:N]: after answering the Nth frame addressed to the node "
                   "(default 1) answer nothing any more",
 }
-
-
-def parse_fault(fault):
-    """'disconnect:3' -> ('disconnect', 3); None -> (None, None)."""
-    if not fault:
-        return None, None
-    name, _, arg = fault.partition(":")
-    if name not in FAULTS:
-        raise ValueError("unknown fault %r (known: %s)" % (fault, ", ".join(sorted(FAULTS))))
-    return name, int(arg) if arg else None
 
 
 def parse_uuid(uuid):
@@ -215,7 +205,7 @@ class CanNode(ThreadedSim):
         self.on_mode_change = on_mode_change
         self.name = name or "%s-%s" % (mode, self.uuid.hex())
         self.random = random.Random(seed)
-        self.fault, self.fault_arg = parse_fault(fault)
+        self.fault, self.fault_arg = parse_fault(fault, FAULTS)
 
         # The Klipper application this node runs (None: no application).
         self.app_dictionary = None
@@ -290,7 +280,7 @@ class CanNode(ThreadedSim):
 
     def set_fault(self, fault):
         with self.lock:
-            self.fault, self.fault_arg = parse_fault(fault)
+            self.fault, self.fault_arg = parse_fault(fault, FAULTS)
             self.disconnected = False
             self.handled = 0
 

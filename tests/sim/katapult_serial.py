@@ -35,7 +35,6 @@ the host and print CONNECT's answer:
 
 import argparse
 import errno
-import fcntl
 import os
 import random
 import select
@@ -49,7 +48,8 @@ import tty
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import katapult_core  # noqa: E402
-from simthread import ThreadedSim  # noqa: E402
+from ptysim import PtySim  # noqa: E402
+from simthread import parse_fault  # noqa: E402
 
 FAULTS = {
     "silent": "read and record everything, never answer",
@@ -58,17 +58,7 @@ FAULTS = {
 }
 
 
-def parse_fault(fault):
-    """'disconnect:3' -> ('disconnect', 3); None -> (None, None)."""
-    if not fault:
-        return None, None
-    name, _, arg = fault.partition(":")
-    if name not in FAULTS:
-        raise ValueError("unknown fault %r (known: %s)" % (fault, ", ".join(sorted(FAULTS))))
-    return name, int(arg) if arg else None
-
-
-class KatapultSerial(ThreadedSim):
+class KatapultSerial(PtySim):
     """Katapult serving pty master @fd from a thread; see the module docstring.
 
     mcu, app_start, block_size, page_size, katapult_version, proto_version
@@ -96,7 +86,7 @@ class KatapultSerial(ThreadedSim):
         self.complete_delay = complete_delay
         self.own_fd = own_fd
         self.log = log
-        self.fault, self.fault_arg = parse_fault(fault)
+        self.fault, self.fault_arg = parse_fault(fault, FAULTS)
 
         self.rx_bytes = 0
         self.tx_bytes = 0
@@ -117,10 +107,7 @@ class KatapultSerial(ThreadedSim):
             random=random.Random(seed), log=self._debug)
         self.flash = self.core.flash
 
-        self._open_wake_pipe()
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        tty.setraw(fd, termios.TCSANOW)
+        self._adopt_pty(fd)
 
     # -- control -----------------------------------------------------------
 
@@ -128,17 +115,9 @@ class KatapultSerial(ThreadedSim):
         self._start_thread("katapult-%s" % self.mcu)
         return self
 
-    def stop(self):
-        """Stop the thread; closes the fd only when own_fd was given."""
-        self._stop_thread()
-        self._close_wake_pipe()
-        if self.own_fd and not self.disconnected and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
     def set_fault(self, fault):
         with self.lock:
-            self.fault, self.fault_arg = parse_fault(fault)
+            self.fault, self.fault_arg = parse_fault(fault, FAULTS)
 
     def image(self):
         """The flashed bytes from app_start to the end of the highest block."""
@@ -176,22 +155,9 @@ class KatapultSerial(ThreadedSim):
             ev = events.get(self.fd, 0)
             if not ev:
                 continue
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                data = b""
-            except OSError as e:
-                if e.errno != errno.EIO:
-                    raise
-                data = b""
-            if not data:
-                if ev & (select.POLLHUP | select.POLLERR):
-                    # No slave end open: nobody to talk to; look again soon.
-                    poller2 = select.poll()
-                    poller2.register(self._wake_r, select.POLLIN)
-                    poller2.poll(20)
-                continue
-            self._handle_input(data)
+            data = self._read_pty(ev)
+            if data:
+                self._handle_input(data)
 
     def _leave(self):
         with self.lock:
@@ -218,34 +184,6 @@ class KatapultSerial(ThreadedSim):
             if self.fault == "disconnect" and before < (self.fault_arg or 1) <= self.requests:
                 self._disconnect()
             self.lock.notify_all()
-
-    def _write(self, data):
-        deadline = time.monotonic() + 1.0
-        while data:
-            try:
-                n = os.write(self.fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError as e:
-                if e.errno != errno.EIO:
-                    raise
-                n = 0
-            self.tx_bytes += n
-            data = data[n:]
-            if data:
-                if time.monotonic() > deadline:
-                    self.tx_dropped += len(data)
-                    return
-                select.select([], [self.fd], [], 0.05)
-
-    def _disconnect(self):
-        """Hang up: the fd number stays valid (pointing at /dev/null)
-        because whoever handed it to us closes it later."""
-        self._debug("disconnecting")
-        self.disconnected = True
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        os.dup2(null, self.fd)
-        os.close(null)
 
 
 # ---------------------------------------------------------------------------

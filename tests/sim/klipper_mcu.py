@@ -69,7 +69,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import klipper_dict  # noqa: E402
 import klipper_proto  # noqa: E402
 from klipper_proto import build_block  # noqa: E402
-from simthread import ThreadedSim  # noqa: E402
+import simthread  # noqa: E402
+from ptysim import PtySim  # noqa: E402
 
 DEFAULT_VERSION = "v0.13.0-46-g8c72b4a5"
 
@@ -110,15 +111,10 @@ class FirmwareDecoder(klipper_proto.StreamDecoder):
 
 def parse_fault(fault):
     """'crc:3' -> ('crc', 3); None -> (None, None)."""
-    if not fault:
-        return None, None
-    name, _, arg = fault.partition(":")
-    if name not in FAULTS:
-        raise ValueError("unknown fault %r (known: %s)" % (fault, ", ".join(sorted(FAULTS))))
-    return name, int(arg) if arg else None
+    return simthread.parse_fault(fault, FAULTS)
 
 
-class KlipperMcu(ThreadedSim):
+class KlipperMcu(PtySim):
     """Simulated Klipper MCU serving pty master @fd from a thread.
 
     fd          pty master (umockdev: testbed.get_dev_fd(); standalone: os.openpty()[0])
@@ -190,12 +186,7 @@ class KlipperMcu(ThreadedSim):
         self.line_speeds = []           # termios speeds the host set (link "usb")
         self.dropped_after_request = 0  # bytes read while "resetting"
 
-        self._open_wake_pipe()
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        # Raw slave (termios requests on a pty master act on the slave).  No
-        # flush: a host may already have written to a freshly plugged port.
-        tty.setraw(fd, termios.TCSANOW)
+        self._adopt_pty(fd)
         self._line_speed = self._read_line_speed()
 
     # -- control ---------------------------------------------------------
@@ -203,14 +194,6 @@ class KlipperMcu(ThreadedSim):
     def start(self):
         self._start_thread("klipper-mcu-%s" % self.mcu)
         return self
-
-    def stop(self):
-        """Stop the thread; closes the fd only when own_fd was given."""
-        self._stop_thread()
-        self._close_wake_pipe()
-        if self.own_fd and not self.disconnected and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def set_fault(self, fault):
         with self.lock:
@@ -250,22 +233,9 @@ class KlipperMcu(ThreadedSim):
             ev = events.get(self.fd, 0)
             if not ev:
                 continue
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                data = b""
-            except OSError as e:
-                if e.errno != errno.EIO:
-                    raise
-                data = b""
-            if not data:
-                # No slave end open (POLLHUP): nobody to talk to; look again soon.
-                if ev & (select.POLLHUP | select.POLLERR):
-                    poller2 = select.poll()
-                    poller2.register(self._wake_r, select.POLLIN)
-                    poller2.poll(20)
-                continue
-            self._handle_input(data)
+            data = self._read_pty(ev)
+            if data:
+                self._handle_input(data)
 
     def _handle_input(self, data):
         with self.lock:
@@ -421,35 +391,6 @@ class KlipperMcu(ThreadedSim):
 
     def _clock64(self):
         return int((time.monotonic() - self.started_at) * self.clock_freq)
-
-    def _write(self, data):
-        deadline = time.monotonic() + 1.0
-        while data:
-            try:
-                n = os.write(self.fd, data)
-            except BlockingIOError:
-                n = 0
-            except OSError as e:
-                if e.errno != errno.EIO:
-                    raise
-                n = 0
-            self.tx_bytes += n
-            data = data[n:]
-            if data:
-                if time.monotonic() > deadline:
-                    self.tx_dropped += len(data)
-                    return
-                select.select([], [self.fd], [], 0.05)
-
-    def _disconnect(self):
-        """Close the pty master so the host side sees a hangup.  The fd
-        number is kept valid (pointing at /dev/null) because the testbed
-        that handed it to us closes it later."""
-        self._debug("disconnecting")
-        self.disconnected = True
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        os.dup2(null, self.fd)
-        os.close(null)
 
 
 def _speed_name(speed):

@@ -2,11 +2,13 @@
 canhub.py, klippy_api.py): one serving thread, a non-blocking wake pipe that
 interrupts its poll, a threading.Condition (.lock) that guards the recorded
 state and is notified on every event, and wait_for(predicate, timeout) for
-tests.
+tests.  Also parse_fault(), which reads the "name[:N]" fault strings of the
+firmware simulators against each one's own FAULTS table.
 
 ThreadedSim holds only that machinery: what the thread serves, how it is
-started (sockets to bind, ptys to adopt) and what stop() closes besides the
-thread and the pipe stay in each simulator.  A subclass calls
+started (sockets to bind, ptys to adopt; ptysim.py holds the pty part the
+serial simulators share) and what stop() closes besides the thread and the
+pipe stay in each simulator.  A subclass calls
 ThreadedSim.__init__() early, opens the wake pipe when it wants (before
 _start_thread()), implements _run() and its own start() and stop().
 """
@@ -15,6 +17,17 @@ import os
 import select
 import threading
 import time
+
+
+def parse_fault(fault, faults):
+    """'disconnect:3' -> ('disconnect', 3); None -> (None, None).  @faults
+    maps the known fault names to their help text."""
+    if not fault:
+        return None, None
+    name, _, arg = fault.partition(":")
+    if name not in faults:
+        raise ValueError("unknown fault %r (known: %s)" % (fault, ", ".join(sorted(faults))))
+    return name, int(arg) if arg else None
 
 
 class ThreadedSim:

@@ -1,0 +1,153 @@
+/* mcuflashctl flash MCU IMAGE: open the image as the calling user, pass the
+ * open file to Mcu.Flash (the daemon never opens a path it is given), and
+ * follow the job with its phase, bytes and progress until the MCU runs the
+ * new firmware. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "client.h"
+#include "job-wait.h"
+
+static const char flash_usage[] =
+        "Usage: mcuflashctl flash MCU IMAGE [--force] [--no-wait] [--json] [--keep-klipper]\n"
+        "\n"
+        "Write a Klipper image (out/klipper.bin, klipper.elf, klipper.elf.hex or\n"
+        "klipper.uf2) to an MCU: it is checked first (MCU type, flash start of the\n"
+        "MCU's bootloader, size), the MCU goes into its bootloader, the image is\n"
+        "written and verified, and the MCU starts it; done when Klipper answers\n"
+        "with the image's version.  If Klipper holds the MCU and the printer is\n"
+        "idle, mcuflashd stops klipper.service for the job and starts it again\n"
+        "afterwards.  Ctrl-C cancels the job where that is safe.\n"
+        "\n"
+        "Options:\n"
+        "      --force          Flash even if the MCU runs this version already\n"
+        "      --no-wait        Print the job's object path and return at once\n"
+        "      --json           Print the finished job as one JSON object\n"
+        "      --keep-klipper   Never stop Klipper: fail if it holds the MCU\n"
+        "  -h, --help           Show this help and exit\n";
+
+struct flash_args {
+        int fd;
+        bool force;
+        bool stop_klipper;
+};
+
+static int append_flash_arguments(sd_bus_message *m, void *userdata) {
+        const struct flash_args *a = userdata;
+
+        return sd_bus_message_append(m, "ha{sv}", a->fd, 2,
+                                     "force", "b", (int) a->force,
+                                     "stop-klipper", "b", (int) a->stop_klipper);
+}
+
+int verb_flash(int argc, char *argv[]) {
+        enum {
+                ARG_FORCE = 0x100,
+                ARG_NO_WAIT,
+                ARG_JSON,
+                ARG_KEEP_KLIPPER,
+        };
+        static const struct option options[] = {
+                { "help",         no_argument, NULL, 'h'              },
+                { "force",        no_argument, NULL, ARG_FORCE        },
+                { "no-wait",      no_argument, NULL, ARG_NO_WAIT      },
+                { "json",         no_argument, NULL, ARG_JSON         },
+                { "keep-klipper", no_argument, NULL, ARG_KEEP_KLIPPER },
+                {}
+        };
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        _cleanup_(json_object_putp) json_object *object = NULL;
+        _cleanup_(job_info_donep) JobInfo job = {};
+        _cleanup_free_ char *mcu_path = NULL;
+        _cleanup_close_ int fd = -1;
+        struct flash_args args = { .stop_klipper = true };
+        bool json = false, no_wait = false;
+        JobWaitFlags flags = 0;
+        int c, r;
+
+        while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
+                switch (c) {
+                case 'h':
+                        fputs(flash_usage, stdout);
+                        return EXIT_SUCCESS;
+                case ARG_FORCE:
+                        args.force = true;
+                        break;
+                case ARG_NO_WAIT:
+                        no_wait = true;
+                        break;
+                case ARG_JSON:
+                        json = true;
+                        break;
+                case ARG_KEEP_KLIPPER:
+                        args.stop_klipper = false;
+                        break;
+                default:
+                        return client_unknown_option(flash_usage, argv);
+                }
+
+        if (optind + 2 > argc)
+                return client_usage_error(flash_usage, "missing argument %s", optind >= argc ? "MCU" : "IMAGE");
+        if (optind + 2 < argc)
+                return client_usage_error(flash_usage, "unexpected argument '%s'", argv[optind + 2]);
+
+        /* Opened here, with the caller's rights. */
+        fd = open(argv[optind + 1], O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) {
+                client_error_errno(-errno, "Cannot open %s: %m", argv[optind + 1]);
+                return EXIT_FAILURE;
+        }
+        args.fd = fd;
+
+        r = client_open_bus(&bus);
+        if (r < 0)
+                return EXIT_FAILURE;
+        r = client_resolve_mcu(bus, argv[optind], &mcu_path);
+        if (r < 0)
+                return EXIT_FAILURE;
+
+        if (no_wait)
+                flags |= JOB_WAIT_NO_WAIT;
+        if (json)
+                flags |= JOB_WAIT_QUIET;
+
+        const JobCall call = {
+                .object_path = mcu_path,
+                .interface = MCUFLASH_MCU_INTERFACE,
+                .method = "Flash",
+                .append_arguments = append_flash_arguments,
+                .userdata = &args,
+        };
+
+        r = job_start_and_wait(bus, &call, flags, &job);
+        if (r == -EINTR)
+                return EXIT_INTERRUPTED;
+        if (r < 0)
+                return EXIT_FAILURE;
+
+        if (json) {
+                r = job_info_to_json(&job, &object);
+                if (r < 0) {
+                        client_error_errno(r, "Failed to build the JSON object: %m");
+                        return EXIT_FAILURE;
+                }
+                if (client_print_json(object) < 0)
+                        return EXIT_FAILURE;
+        }
+        if (no_wait)
+                return EXIT_SUCCESS;
+        if (!streq(job.state, "succeeded"))
+                return job_report_failure(&job);
+        if (!json) {
+                _cleanup_(mcu_info_donep) McuInfo mcu = {};
+
+                if (client_get_mcu_info(bus, mcu_path, &mcu) >= 0)
+                        printf("%s%s runs %s %s\n", isempty(mcu.name) ? "MCU " : "",
+                               isempty(mcu.name) ? mcu.id : mcu.name, mcu.firmware, mcu.firmware_version);
+        }
+        return EXIT_SUCCESS;
+}
