@@ -1298,6 +1298,7 @@ class Environment:
         return self.testbed
 
     def start_daemon(self, config_text=None, env=None, **config_args):
+        """config_args go to daemon_config() (extra= appends text)."""
         if config_text is None:
             config_text = daemon_config(self.host, **config_args)
         self.daemon = Daemon(self.workdir, self.bus.address, self.testbed, config_text, env=env)

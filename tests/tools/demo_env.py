@@ -54,6 +54,8 @@ from gi.repository import UMockdev  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "sim"))
 import can_node  # noqa: E402
+sys.path.insert(0, HERE)
+import mkimage  # noqa: E402
 import canhub  # noqa: E402
 from linux_mcu import LinuxMcuProcess  # noqa: E402
 
@@ -115,6 +117,21 @@ z_offset: 2.0
 sensor_type: temperature_mcu
 sensor_mcu: eddy
 """
+
+
+def write_demo_images(folder):
+    """$DEMO_IMAGES: images at the host version for each demo MCU, and one
+    for another chip (what a user must never be able to flash)."""
+    os.makedirs(folder, exist_ok=True)
+    version = harness.HOST_VERSION
+    for name, mcu, start, fmt, link in (
+            ("mcu.bin", "stm32f429xx", 0x08008000, "bin", "usb"),
+            ("eddy.uf2", "rp2040", 0x10000000, "uf2", "usb"),
+            ("EBBCan.bin", "stm32g0b1xx", 0x08002000, "bin", "can"),
+            ("wrong-chip.bin", "stm32f103xe", 0x08007000, "bin", "usb")):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(mkimage.build(mcu, version, start, fmt=fmt, link=link))
+    return folder
 
 
 class Terminated(Exception):
@@ -183,11 +200,14 @@ def main():
         ebb.start()
         rpi = LinuxMcuProcess(rpi_link, RPI["version"])
         shim = os.path.join(harness.build_dir(), "tests", "shim", "libcanshim.so")
+        # The Octopus's ST ROM DFU cannot tell where Klipper goes (a 32 KiB
+        # bootloader is kept below it): the configuration says so.
         env.start_daemon(env={
             "LD_PRELOAD": "%s:%s" % (shim, harness.umockdev_preload()),
             "CANSHIM_HUB": hub.path,
             "MCUFLASHD_CAN_TEST_HUB": hub.path,
-        })
+        }, extra="\n[Mcu %s]\nFlashStart=0x08008000\n" % MAIN["serial"])
+        images = write_demo_images(os.path.join(env.workdir, "images"))
 
         def all_identified():
             found = [env.client.find_mcu(Name=b["name"]) for b in (MAIN, EDDY, EBBCAN, RPI)]
@@ -201,10 +221,22 @@ def main():
                   file=sys.stderr)
             return 1
 
-        run_env = harness.clean_env(DBUS_SYSTEM_BUS_ADDRESS=env.bus.address)
+        run_env = harness.clean_env(DBUS_SYSTEM_BUS_ADDRESS=env.bus.address, DEMO_IMAGES=images)
         run_env["PATH"] = os.path.join(harness.build_dir(), "client") + os.pathsep + \
             run_env.get("PATH", "/usr/bin:/bin")
-        status = run(command or [harness.ctl_binary(), "status"], run_env)
+        if command:
+            status = run(command, run_env)
+        else:
+            # The evening a user wants: see the status, update the MCU that
+            # is out of date, see every MCU match the host.
+            ctl = harness.ctl_binary()
+            status = run([ctl, "status"], run_env)
+            if status == 0:
+                print("\n$ mcuflashctl flash eddy $DEMO_IMAGES/eddy.uf2", flush=True)
+                status = run([ctl, "flash", "eddy", os.path.join(images, "eddy.uf2")], run_env)
+            if status == 0:
+                print("\n$ mcuflashctl status", flush=True)
+                status = run([ctl, "status"], run_env)
     except KeyboardInterrupt:
         status = 130
     except Terminated:
