@@ -194,3 +194,40 @@ def test_oversize_image_is_refused_by_the_bootloader_layout(testbed, klipper_che
     assert sim is not None and sim.erased == [] and sim.writes == []
     # It stays reachable: back to Klipper on request.
     assert ctl("reboot", "mcu", timeout=60).returncode == 0
+
+
+def test_unplug_mid_write_fails_cleanly_and_a_second_flash_works(testbed, klipper_checkout, printer_cfg,
+                                                                 daemon, dbus_client, wait_for, ctl,
+                                                                 tmp_path):
+    klipper_checkout(HOST)
+    kw = dict(serial=OCTOPUS, version=OLD, mcu="stm32f446xx", bootloader="katapult",
+              katapult_kwargs={"app_start": 0x08008000}, port="1-1.2")
+    board = testbed.add_klipper_usb(**kw)
+    printer_cfg("[mcu]\nserial: %s\n" % board.by_id)
+    daemon()
+    wait_app(dbus_client, wait_for, "mcu")
+    path = dbus_client.get_mcu("mcu")
+    image, data = write_image(tmp_path, "klipper.bin", "stm32f446xx", HOST, 0x08008000, size=200 * 1024)
+    with open(image, "rb") as f:
+        job = dbus_client.call(path, "io.mcuflash1.Mcu", "Flash", dbus.types.UnixFd(f.fileno()),
+                               dbus.Dictionary({}, signature="sv"))
+    wait_for(lambda: dbus_client.get_all(job, "io.mcuflash1.Job")["BytesDone"] > 0, timeout=30,
+             what="writing started")
+    testbed.remove(board)
+    done = wait_for(lambda: (lambda p: p if p["Phase"] == "done" else None)(
+        dbus_client.get_all(job, "io.mcuflash1.Job")), timeout=60, what="job over")
+    assert done["State"] == "failed"
+    assert done["Error"] in ("io.mcuflash1.Error.Disconnected", "io.mcuflash1.Error.Timeout",
+                             "io.mcuflash1.Error.Protocol"), done
+    assert done["ErrorMessage"]
+    assert ctl("status").returncode == 0
+
+    # Plugged in again (Katapult keeps the board in the bootloader after a
+    # broken write; here it comes back as it was): the same object, and the
+    # next flash goes through.
+    testbed.add_klipper_usb(**kw)
+    wait_app(dbus_client, wait_for, "mcu")
+    assert dbus_client.get_mcu("mcu") == path
+    out = ctl("flash", "mcu", image, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert wait_app(dbus_client, wait_for, "mcu", HOST)["VersionMatchesHost"] == "yes"
