@@ -128,11 +128,9 @@ static int run_reboot_verb(const RebootVerb *verb, int argc, char *argv[]) {
                 {}
         };
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(json_object_putp) json_object *object = NULL;
         _cleanup_(job_info_donep) JobInfo job = {};
         _cleanup_free_ char *mcu_path = NULL;
         bool json = false, no_wait = false, stop_klipper = true;
-        JobWaitFlags flags = 0;
         int c, r;
 
         while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
@@ -166,10 +164,6 @@ static int run_reboot_verb(const RebootVerb *verb, int argc, char *argv[]) {
         if (r < 0)
                 return EXIT_FAILURE;
 
-        if (no_wait)
-                flags |= JOB_WAIT_NO_WAIT;
-        if (json)
-                flags |= JOB_WAIT_QUIET;
 
         const JobCall call = {
                 .object_path = mcu_path,
@@ -179,27 +173,9 @@ static int run_reboot_verb(const RebootVerb *verb, int argc, char *argv[]) {
                 .userdata = &stop_klipper,
         };
 
-        r = job_start_and_wait(bus, &call, flags, &job);
-        if (r == -EINTR)
-                return EXIT_INTERRUPTED;
-        if (r < 0)
-                return EXIT_FAILURE;
-
-        if (json) {
-                r = job_info_to_json(&job, &object);
-                if (r < 0) {
-                        client_error_errno(r, "Failed to build the JSON object: %m");
-                        return EXIT_FAILURE;
-                }
-                if (client_print_json(object) < 0)
-                        return EXIT_FAILURE;
-        }
-
-        if (no_wait)
-                return EXIT_SUCCESS;
-
-        if (!streq(job.state, "succeeded"))
-                return job_report_failure(&job);
+        r = job_run_verb(bus, &call, json, no_wait, &job);
+        if (r >= 0)
+                return r;
 
         if (!json && print_outcome(bus, mcu_path, verb->target) < 0)
                 return EXIT_FAILURE;

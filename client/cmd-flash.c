@@ -60,13 +60,11 @@ int verb_flash(int argc, char *argv[]) {
                 {}
         };
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
-        _cleanup_(json_object_putp) json_object *object = NULL;
         _cleanup_(job_info_donep) JobInfo job = {};
         _cleanup_free_ char *mcu_path = NULL;
         _cleanup_close_ int fd = -1;
         struct flash_args args = { .stop_klipper = true };
         bool json = false, no_wait = false;
-        JobWaitFlags flags = 0;
         int c, r;
 
         while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
@@ -110,10 +108,6 @@ int verb_flash(int argc, char *argv[]) {
         if (r < 0)
                 return EXIT_FAILURE;
 
-        if (no_wait)
-                flags |= JOB_WAIT_NO_WAIT;
-        if (json)
-                flags |= JOB_WAIT_QUIET;
 
         const JobCall call = {
                 .object_path = mcu_path,
@@ -123,25 +117,9 @@ int verb_flash(int argc, char *argv[]) {
                 .userdata = &args,
         };
 
-        r = job_start_and_wait(bus, &call, flags, &job);
-        if (r == -EINTR)
-                return EXIT_INTERRUPTED;
-        if (r < 0)
-                return EXIT_FAILURE;
-
-        if (json) {
-                r = job_info_to_json(&job, &object);
-                if (r < 0) {
-                        client_error_errno(r, "Failed to build the JSON object: %m");
-                        return EXIT_FAILURE;
-                }
-                if (client_print_json(object) < 0)
-                        return EXIT_FAILURE;
-        }
-        if (no_wait)
-                return EXIT_SUCCESS;
-        if (!streq(job.state, "succeeded"))
-                return job_report_failure(&job);
+        r = job_run_verb(bus, &call, json, no_wait, &job);
+        if (r >= 0)
+                return r;
         if (!json) {
                 _cleanup_(mcu_info_donep) McuInfo mcu = {};
 

@@ -511,3 +511,29 @@ int job_report_failure(const JobInfo *info) {
 
         return EXIT_FAILURE;
 }
+
+int job_run_verb(sd_bus *bus, const JobCall *call, bool json, bool no_wait, JobInfo *job) {
+        _cleanup_(json_object_putp) json_object *object = NULL;
+        JobWaitFlags flags = (no_wait ? JOB_WAIT_NO_WAIT : 0) | (json ? JOB_WAIT_QUIET : 0);
+        int r;
+
+        r = job_start_and_wait(bus, call, flags, job);
+        if (r == -EINTR)
+                return EXIT_INTERRUPTED;
+        if (r < 0)
+                return EXIT_FAILURE;
+        if (json) {
+                r = job_info_to_json(job, &object);
+                if (r < 0) {
+                        client_error_errno(r, "Failed to build the JSON object: %m");
+                        return EXIT_FAILURE;
+                }
+                if (client_print_json(object) < 0)
+                        return EXIT_FAILURE;
+        }
+        if (no_wait)
+                return EXIT_SUCCESS;
+        if (!streq(job->state, "succeeded"))
+                return job_report_failure(job);
+        return -1;
+}

@@ -36,6 +36,12 @@ typedef enum JobWaitFlags {
  * on), or another negative errno after printing what went wrong. */
 int job_start_and_wait(sd_bus *bus, const JobCall *call, JobWaitFlags flags, JobInfo *ret);
 
+/* What the job verbs share: start the job, follow it (unless @no_wait),
+ * print it as JSON when @json.  Returns an exit status to return as it is
+ * (failure, interruption, --no-wait, a job that did not succeed), or -1
+ * when the job succeeded and the verb prints its own outcome. */
+int job_run_verb(sd_bus *bus, const JobCall *call, bool json, bool no_wait, JobInfo *job);
+
 /* Print why a finished job did not succeed as "mcuflashctl: <message>" on
  * stderr.  Returns EXIT_FAILURE. */
 int job_report_failure(const JobInfo *info);

@@ -213,10 +213,39 @@ static int read_job_options(sd_bus_message *msg, bool *stop_klipper, bool *force
         return sd_bus_message_exit_container(msg);
 }
 
+/* Ask polkit for the action of @msg's method; the job starts (or the
+ * refusal is sent) when the answer comes.  Takes *@image when given. */
+static int authorize_job_request(sd_bus_message *msg, struct mcu *m, bool to_bootloader, bool stop_klipper,
+                                 bool force, struct image **image) {
+        struct daemon *d = m->daemon;
+        struct reboot_request *req;
+        int r;
+
+        req = calloc(1, sizeof(*req));
+        if (!req || !(req->mcu_id = strdup(m->id))) {
+                free(req);
+                return -ENOMEM;
+        }
+        req->daemon = d;
+        req->message = sd_bus_message_ref(msg);
+        req->to_bootloader = to_bootloader;
+        req->stop_klipper = stop_klipper;
+        req->force = force;
+        if (image)
+                req->image = TAKE_PTR(*image);
+        r = auth_check_async(d->bus, d->base, msg,
+                             auth_action_for("io.mcuflash1.Mcu", sd_bus_message_get_member(msg)),
+                             on_reboot_authorized, req, &req->query);
+        if (r < 0) {
+                reboot_request_free(req);
+                return r;
+        }
+        return 1;
+}
+
 static int method_reboot(sd_bus_message *msg, struct mcu *m, bool to_bootloader, sd_bus_error *error) {
         struct daemon *d = m->daemon;
         _cleanup_free_ char *message = NULL;
-        struct reboot_request *req;
         enum mcuflash_error code;
         bool stop_klipper = true;
         int r;
@@ -231,22 +260,7 @@ static int method_reboot(sd_bus_message *msg, struct mcu *m, bool to_bootloader,
         if (r < 0)
                 return r;
 
-        req = calloc(1, sizeof(*req));
-        if (!req || !(req->mcu_id = strdup(m->id))) {
-                free(req);
-                return -ENOMEM;
-        }
-        req->daemon = d;
-        req->message = sd_bus_message_ref(msg);
-        req->to_bootloader = to_bootloader;
-        req->stop_klipper = stop_klipper;
-        r = auth_check_async(d->bus, d->base, msg, auth_action_for("io.mcuflash1.Mcu", sd_bus_message_get_member(msg)),
-                             on_reboot_authorized, req, &req->query);
-        if (r < 0) {
-                reboot_request_free(req);
-                return r;
-        }
-        return 1;
+        return authorize_job_request(msg, m, to_bootloader, stop_klipper, false, NULL);
 }
 
 #define IMAGE_MAX_SIZE (16 * 1024 * 1024)
@@ -256,7 +270,6 @@ static int method_flash(sd_bus_message *msg, void *userdata, sd_bus_error *error
         struct daemon *d = m->daemon;
         _cleanup_(image_freep) struct image *img = NULL;
         _cleanup_free_ char *message = NULL;
-        struct reboot_request *req;
         enum mcuflash_error code;
         bool stop_klipper = true, force = false;
         int fd, r;
@@ -282,24 +295,7 @@ static int method_flash(sd_bus_message *msg, void *userdata, sd_bus_error *error
         if (r < 0)
                 return r;
 
-        req = calloc(1, sizeof(*req));
-        if (!req || !(req->mcu_id = strdup(m->id))) {
-                free(req);
-                return -ENOMEM;
-        }
-        req->daemon = d;
-        req->message = sd_bus_message_ref(msg);
-        req->to_bootloader = true;
-        req->stop_klipper = stop_klipper;
-        req->force = force;
-        req->image = TAKE_PTR(img);
-        r = auth_check_async(d->bus, d->base, msg, auth_action_for("io.mcuflash1.Mcu", "Flash"),
-                             on_reboot_authorized, req, &req->query);
-        if (r < 0) {
-                reboot_request_free(req);
-                return r;
-        }
-        return 1;
+        return authorize_job_request(msg, m, true, stop_klipper, force, &img);
 }
 
 static int method_reboot_to_bootloader(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
