@@ -231,3 +231,18 @@ def test_unplug_mid_write_fails_cleanly_and_a_second_flash_works(testbed, klippe
     out = ctl("flash", "mcu", image, timeout=180)
     assert out.returncode == 0, out.stderr
     assert wait_app(dbus_client, wait_for, "mcu", HOST)["VersionMatchesHost"] == "yes"
+
+
+def test_uart_katapult_flash(testbed, klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, ctl,
+                             tmp_path):
+    klipper_checkout(HOST)
+    uart = testbed.add_uart("ttyAMA0", klipper={"version": OLD, "mcu": "stm32f103xe"}, bootloader="katapult",
+                            katapult_kwargs={"app_start": 0x08002000})
+    printer_cfg("[mcu]\nserial: /dev/ttyAMA0\n")
+    daemon()
+    wait_app(dbus_client, wait_for, "mcu")
+    path, data = write_image(tmp_path, "klipper.bin", "stm32f103xe", HOST, 0x08002000, link="serial")
+    out = ctl("flash", "mcu", path, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert wait_app(dbus_client, wait_for, "mcu", HOST)["VersionMatchesHost"] == "yes"
+    assert katapult_bytes(uart, 0x08002000, len(data)) == data
