@@ -1003,3 +1003,34 @@ int client_match_daemon_gone(sd_bus *bus, sd_bus_slot **ret_slot,
                                 "arg2=''",
                                 callback, userdata);
 }
+
+int client_parse_json_verb(int argc, char *argv[], const char *usage, unsigned n_args, const char *arg_name,
+                           bool *json) {
+        enum {
+                ARG_JSON = 0x100,
+        };
+        static const struct option options[] = {
+                { "help", no_argument, NULL, 'h'      },
+                { "json", no_argument, NULL, ARG_JSON },
+                {}
+        };
+        int c;
+
+        while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
+                switch (c) {
+                case 'h':
+                        fputs(usage, stdout);
+                        return EXIT_SUCCESS;
+                case ARG_JSON:
+                        *json = true;
+                        break;
+                default:
+                        return client_unknown_option(usage, argv);
+                }
+
+        if ((unsigned) (argc - optind) < n_args)
+                return client_usage_error(usage, "missing argument %s", arg_name);
+        if ((unsigned) (argc - optind) > n_args)
+                return client_usage_error(usage, "unexpected argument '%s'", argv[optind + n_args]);
+        return -1;
+}

@@ -115,6 +115,12 @@ int client_usage_error(const char *usage, const char *fmt, ...) _printf_(2, 3);
 /* Report the option getopt_long() just rejected ('?'); returns EXIT_USAGE. */
 int client_unknown_option(const char *usage, char *argv[]);
 
+/* Options of the verbs that take only --help and --json, and @n_args
+ * arguments (named @arg_name in messages; at most one).  Returns -1 to go
+ * on (the arguments start at optind), else the exit status to return. */
+int client_parse_json_verb(int argc, char *argv[], const char *usage, unsigned n_args, const char *arg_name,
+                           bool *json);
+
 /* Connect to the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured). */
 int client_open_bus(sd_bus **ret);
 

@@ -70,38 +70,17 @@ static void print_info_text(json_object *object) {
 }
 
 int verb_info(int argc, char *argv[]) {
-        enum {
-                ARG_JSON = 0x100,
-        };
-        static const struct option options[] = {
-                { "help", no_argument, NULL, 'h'      },
-                { "json", no_argument, NULL, ARG_JSON },
-                {}
-        };
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
         _cleanup_(json_object_putp) json_object *object = NULL;
         _cleanup_(mcu_info_donep) McuInfo mcu = {};
         _cleanup_free_ char *path = NULL;
         const char *selector;
         bool json = false;
-        int c, r;
+        int r;
 
-        while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
-                switch (c) {
-                case 'h':
-                        fputs(info_usage, stdout);
-                        return EXIT_SUCCESS;
-                case ARG_JSON:
-                        json = true;
-                        break;
-                default:
-                        return client_unknown_option(info_usage, argv);
-                }
-
-        if (optind >= argc)
-                return client_usage_error(info_usage, "missing argument MCU");
-        if (optind + 1 < argc)
-                return client_usage_error(info_usage, "unexpected argument '%s'", argv[optind + 1]);
+        r = client_parse_json_verb(argc, argv, info_usage, 1, "MCU", &json);
+        if (r >= 0)
+                return r;
         selector = argv[optind];
 
         r = client_open_bus(&bus);

@@ -249,33 +249,14 @@ static int print_status_table(const StatusData *data) {
 }
 
 int verb_status(int argc, char *argv[]) {
-        enum {
-                ARG_JSON = 0x100,
-        };
-        static const struct option options[] = {
-                { "help", no_argument, NULL, 'h'      },
-                { "json", no_argument, NULL, ARG_JSON },
-                {}
-        };
         _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
         StatusData data = {};
         bool json = false;
-        int c, r;
+        int r;
 
-        while ((c = getopt_long(argc, argv, "h", options, NULL)) >= 0)
-                switch (c) {
-                case 'h':
-                        fputs(status_usage, stdout);
-                        return EXIT_SUCCESS;
-                case ARG_JSON:
-                        json = true;
-                        break;
-                default:
-                        return client_unknown_option(status_usage, argv);
-                }
-
-        if (optind < argc)
-                return client_usage_error(status_usage, "unexpected argument '%s'", argv[optind]);
+        r = client_parse_json_verb(argc, argv, status_usage, 0, "", &json);
+        if (r >= 0)
+                return r;
 
         r = client_open_bus(&bus);
         if (r < 0)
