@@ -56,7 +56,7 @@ struct config *config_free(struct config *c) {
         free(c->api_socket);
         free(c->klipper_service);
         strv_free(c->extra_serial_devices);
-        strv_free(c->mcu_flash_starts);
+        strv_free(c->mcu_settings);
         free(c);
         return NULL;
 }
@@ -72,7 +72,7 @@ static int config_copy(const struct config *c, struct config **ret) {
             free_and_strdup(&copy->api_socket, c->api_socket) < 0 ||
             free_and_strdup(&copy->klipper_service, c->klipper_service) < 0 ||
             strv_copy(c->extra_serial_devices, &copy->extra_serial_devices) < 0 ||
-            strv_copy(c->mcu_flash_starts, &copy->mcu_flash_starts) < 0)
+            strv_copy(c->mcu_settings, &copy->mcu_settings) < 0)
                 return -ENOMEM;
         copy->identify_timeout_usec = c->identify_timeout_usec;
         copy->offline_timeout_usec = c->offline_timeout_usec;
@@ -90,7 +90,7 @@ static void config_replace(struct config *to, struct config *from) {
         free(to->api_socket);
         free(to->klipper_service);
         strv_free(to->extra_serial_devices);
-        strv_free(to->mcu_flash_starts);
+        strv_free(to->mcu_settings);
         *to = *from;
         memset(from, 0, sizeof(*from));
 }
@@ -305,35 +305,72 @@ struct config_mcu_section {
         char id[128];
 };
 
-static int assign_flash_start(struct config *c, const struct config_location *loc,
-                              const char *id, const char *value) {
+/* [Mcu ID] keys are kept as "ID\nKey=Value" entries (a line of the file
+ * cannot hold a newline), looked up by config_mcu_get(); the last one wins. */
+static int add_mcu_setting(struct config *c, const char *id, const char *key, const char *value) {
         _cleanup_free_ char *entry = NULL;
-        unsigned long long v;
-        char *end;
 
-        errno = 0;
-        v = strtoull(value, &end, 0);
-        if (errno || end == value || *end) {
-                log_error("%s:%u: Invalid address for FlashStart=: '%s' (write it like 0x08008000).",
-                          loc->path, loc->line, value);
-                return -EINVAL;
-        }
-        if (asprintf(&entry, "%s=%llu", id, v) < 0)
+        if (asprintf(&entry, "%s\n%s=%s", id, key, value) < 0)
                 return -ENOMEM;
-        return strv_extend(&c->mcu_flash_starts, entry);
+        return strv_extend(&c->mcu_settings, entry);
+}
+
+static int assign_mcu_setting(struct config *c, const struct config_location *loc,
+                              const char *id, const char *key, const char *value) {
+        char decimal[32];
+
+        if (streq(key, "FlashStart")) {
+                unsigned long long v;
+                char *end;
+
+                errno = 0;
+                v = strtoull(value, &end, 0);
+                if (errno || end == value || *end) {
+                        log_error("%s:%u: Invalid address for FlashStart=: '%s' (write it like 0x08008000).",
+                                  loc->path, loc->line, value);
+                        return -EINVAL;
+                }
+                (void) snprintf(decimal, sizeof(decimal), "%llu", v);
+                return add_mcu_setting(c, id, key, decimal);
+        }
+        if (streq(key, "Program")) {
+                if (!path_is_absolute(value)) {
+                        log_error("%s:%u: Program= must be an absolute path, got '%s'.",
+                                  loc->path, loc->line, value);
+                        return -EINVAL;
+                }
+                return add_mcu_setting(c, id, key, value);
+        }
+        if (streq(key, "Service")) {
+                if (!unit_name_is_valid(value)) {
+                        log_error("%s:%u: Service= must be a unit name ending in .service, got '%s'.",
+                                  loc->path, loc->line, value);
+                        return -EINVAL;
+                }
+                return add_mcu_setting(c, id, key, value);
+        }
+        log_warning("%s:%u: Unknown key '%s' in section [Mcu %s], ignoring.", loc->path, loc->line, key, id);
+        return 0;
+}
+
+const char *config_mcu_get(const struct config *c, const char *id, const char *key) {
+        size_t id_len = strlen(id), key_len = strlen(key);
+        const char *found = NULL;
+
+        for (char **e = c->mcu_settings; e && *e; e++)
+                if (strncmp(*e, id, id_len) == 0 && (*e)[id_len] == '\n' &&
+                    strncmp(*e + id_len + 1, key, key_len) == 0 && (*e)[id_len + 1 + key_len] == '=')
+                        found = *e + id_len + 1 + key_len + 1;
+        return found;
 }
 
 int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret) {
-        size_t len = strlen(id);
-        int r = -ENOENT;
+        const char *v = config_mcu_get(c, id, "FlashStart");
 
-        /* The last setting wins. */
-        for (char **e = c->mcu_flash_starts; e && *e; e++)
-                if (strncmp(*e, id, len) == 0 && (*e)[len] == '=') {
-                        *ret = strtoull(*e + len + 1, NULL, 10);
-                        r = 0;
-                }
-        return r;
+        if (!v)
+                return -ENOENT;
+        *ret = strtoull(v, NULL, 10);
+        return 0;
 }
 
 static int config_assign(struct config *c, const struct config_location *loc,
@@ -341,11 +378,7 @@ static int config_assign(struct config *c, const struct config_location *loc,
                          const char *value) {
         switch (section) {
         case SECTION_MCU:
-                if (streq(key, "FlashStart"))
-                        return assign_flash_start(c, loc, mcu_id, value);
-                log_warning("%s:%u: Unknown key '%s' in section [Mcu %s], ignoring.",
-                            loc->path, loc->line, key, mcu_id);
-                return 0;
+                return assign_mcu_setting(c, loc, mcu_id, key, value);
 
         case SECTION_KLIPPER:
                 if (streq(key, "Path"))

@@ -9,6 +9,11 @@
 
 #include "shared/macro.h"
 
+/* Klipper's own names for the Linux process MCU (scripts/flash-linux.sh,
+ * scripts/klipper-mcu.service), used without [Mcu ID] Program=/Service=. */
+#define DEFAULT_LINUX_MCU_PROGRAM "/usr/local/bin/klipper_mcu"
+#define DEFAULT_LINUX_MCU_SERVICE "klipper-mcu.service"
+
 struct config {
         /* [Klipper] */
         char *klipper_path;             /* Path=: the Klipper checkout (for HostVersion) */
@@ -21,9 +26,11 @@ struct config {
         uint64_t identify_timeout_usec; /* IdentifyTimeoutSec= (default 5) */
         uint64_t offline_timeout_usec;  /* OfflineTimeoutSec= (default 600; 0 = keep until Rescan) */
 
-        /* [Mcu ID] sections: "ID=ADDRESS" of FlashStart= (where the
-         * application starts, for bootloaders that cannot tell). */
-        char **mcu_flash_starts;
+        /* [Mcu ID] sections, read with config_mcu_get(): FlashStart= (where
+         * the application starts, for bootloaders that cannot tell),
+         * Program= and Service= (a Linux process MCU's klipper_mcu and the
+         * unit that runs it). */
+        char **mcu_settings;
 
         /* [Jobs] */
         uint64_t bootloader_timeout_usec; /* BootloaderTimeoutSec= (default 15) */
@@ -40,6 +47,9 @@ int config_load(struct config *c, const char *path, bool missing_ok);
 
 struct config *config_free(struct config *c);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct config *, config_free);
+
+/* The value of @key in the [Mcu @id] sections (the last one), or NULL. */
+const char *config_mcu_get(const struct config *c, const char *id, const char *key);
 
 /* FlashStart= of the [Mcu @id] section: 0 and *ret, or -ENOENT. */
 int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret);

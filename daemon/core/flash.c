@@ -20,31 +20,12 @@
 
 #include "core/daemon-internal.h"
 #include "core/flash.h"
+#include "core/flash-internal.h"
 #include "core/job.h"
 #include "core/reboot.h"
 #include "flash/flasher.h"
 #include "image/check.h"
 #include "shared/log.h"
-
-struct flash {
-        struct reboot rb;               /* first: the reboot step uses j->data */
-        struct image *image;
-        char *image_version;
-        uint64_t start;
-        uint8_t *data;
-        size_t size;
-        bool skip;                      /* already at this version, not forced */
-
-        /* Progress from the worker, read on the loop when the eventfd fires. */
-        struct flash_session session;
-        const struct flasher *flasher;
-        int progress_fd;
-        struct event *progress_event;
-        _Atomic int progress_phase;
-        _Atomic uint64_t progress_done;
-        _Atomic uint64_t progress_total;
-        bool flashing;
-};
 
 static void flash_free(struct job *j) {
         struct flash *f = j->data;
@@ -52,6 +33,7 @@ static void flash_free(struct job *j) {
         if (!f)
                 return;
         reboot_data_done(&f->rb);
+        flash_linux_done(&f->linux_mcu);
         if (f->progress_event)
                 event_free(f->progress_event);
         safe_close(f->progress_fd);
@@ -105,7 +87,7 @@ static void flash_back_in_application(struct job *j) {
         job_finish(j, JOB_STATE_SUCCEEDED, 0, "%s", "");
 }
 
-static enum mcuflash_error flash_error_of(int r) {
+enum mcuflash_error flash_error_of(int r) {
         switch (r) {
         case -EMEDIUMTYPE:
         case -EINVAL:
@@ -128,6 +110,16 @@ static int flash_worker(void *userdata) {
         struct flash *f = j->data;
 
         return f->flasher->write(&f->session);
+}
+
+int flash_run_flasher(struct job *j, void (*done)(void *userdata, int result)) {
+        struct flash *f = j->data;
+
+        f->session.progress = flash_progress;
+        f->session.userdata = f;
+        f->session.cancel = &j->cancel_requested;
+        job_set_progress(j, 0, f->size);
+        return worker_start(j->daemon->workers, flash_worker, done, j);
 }
 
 static void flash_worker_done(void *userdata, int result) {
@@ -221,9 +213,6 @@ static void flash_in_bootloader(struct job *j) {
                 .start = start,
                 .app_start = m->flash_start ?: start,
                 .mcu_type = m->mcu_type,
-                .progress = flash_progress,
-                .userdata = f,
-                .cancel = &j->cancel_requested,
         };
         /* The reboot step copied the link when it started; the bootloader
          * may sit on another node (a USB re-enumeration): take it fresh. */
@@ -236,8 +225,7 @@ static void flash_in_bootloader(struct job *j) {
         f->session.can_interface = f->rb.can_interface;
 
         job_set_phase(j, JOB_PHASE_ERASING);
-        job_set_progress(j, 0, f->size);
-        r = worker_start(j->daemon->workers, flash_worker, flash_worker_done, j);
+        r = flash_run_flasher(j, flash_worker_done);
         if (r < 0) {
                 job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL, "Cannot start writing: %s.", strerror(-r));
                 return;
@@ -250,6 +238,7 @@ static void flash_in_bootloader(struct job *j) {
 
 static void flash_run(struct job *j) {
         struct flash *f = j->data;
+        struct mcu *m = job_mcu(j);
 
         if (f->skip) {
                 log_info("job %u: %s already runs %s; not flashed (force flashes anyway).", j->number, j->mcu_id,
@@ -258,12 +247,19 @@ static void flash_run(struct job *j) {
                 job_finish(j, JOB_STATE_SUCCEEDED, 0, "%s", "");
                 return;
         }
+        if (m && m->transport_id == MCU_TRANSPORT_LINUX) {
+                flash_linux_run(j);
+                return;
+        }
         reboot_step(j, true, flash_in_bootloader);
 }
 
 static int flash_cancel(struct job *j) {
         struct flash *f = j->data;
+        struct mcu *m = job_mcu(j);
 
+        if (m && m->transport_id == MCU_TRANSPORT_LINUX)
+                return flash_linux_cancel(j);
         if (f->flashing)
                 return -EBUSY;  /* the flasher stops after the current block */
         return reboot_cancel(j);
@@ -272,6 +268,10 @@ static int flash_cancel(struct job *j) {
 static void flash_mcu_changed(struct job *j, struct mcu *m) {
         struct flash *f = j->data;
 
+        if (m->transport_id == MCU_TRANSPORT_LINUX) {
+                flash_linux_mcu_changed(j, m);
+                return;
+        }
         if (!f->flashing)
                 reboot_mcu_changed(j, m);
 }
@@ -297,8 +297,9 @@ int flash_check(struct daemon *d, struct mcu *m, struct image *img, bool stop_kl
         uint64_t start;
         int r;
 
-        /* Printing, busy, offline, held by Klipper: as for a reboot. */
-        r = reboot_check(d, m, true, stop_klipper, ret_error, ret_message);
+        /* Printing, busy, offline, held by Klipper: as for a reboot (the
+         * Linux process MCU has no bootloader: its service is restarted). */
+        r = reboot_check(d, m, m->transport_id != MCU_TRANSPORT_LINUX, stop_klipper, ret_error, ret_message);
         if (r < 0)
                 return r;
         if (!img->dict) {

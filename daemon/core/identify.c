@@ -187,6 +187,7 @@ static void identify_done(void *userdata, int result) {
                 /* Unplugged (or re-plugged) meanwhile: this answer is stale. */
                 if (m && m->identify_generation == job->req->generation) {
                         m->identifying = false;
+                        m->identify_count++;
                         identify_apply(m, job->req, result, d->host_version);
                         registry_commit(d->registry, m);
                         bus_mcu_complete_refresh(d, m, result);

@@ -96,6 +96,7 @@ struct mcu {
         bool link_busy;                 /* a job's worker is using the link */
         bool identifying;
         uint64_t identify_generation;   /* bumped when a running identify becomes stale */
+        uint64_t identify_count;        /* identify outcomes applied so far (fresh answers) */
         uint64_t changed;               /* bitmask of enum mcu_prop */
         struct event *offline_timer;
         struct daemon *daemon;          /* the daemon that tracks it */

@@ -3,7 +3,7 @@
  * plus one libevent timer bounding the whole chain:
  *
  *   state:       GetUnit (→ LoadUnit if not loaded) → Get LoadState → Get ActiveState
- *   start, stop: AddMatch JobRemoved → Subscribe → StartUnit/StopUnit → JobRemoved
+ *   start, stop, restart: AddMatch JobRemoved → Subscribe → Start/Stop/RestartUnit → JobRemoved
  *
  * systemd sends the StartUnit/StopUnit reply before the job's JobRemoved,
  * but a JobRemoved for the unit that arrives before the reply names the job
@@ -30,12 +30,27 @@ enum unit_op_kind {
         UNIT_OP_STATE,
         UNIT_OP_START,
         UNIT_OP_STOP,
+        UNIT_OP_RESTART,
 };
 
 static const char *const op_verb[] = {
         [UNIT_OP_STATE] = "query",
         [UNIT_OP_START] = "start",
         [UNIT_OP_STOP] = "stop",
+        [UNIT_OP_RESTART] = "restart",
+};
+
+static const char *const op_done[] = {
+        [UNIT_OP_STATE] = "Queried",
+        [UNIT_OP_START] = "Started",
+        [UNIT_OP_STOP] = "Stopped",
+        [UNIT_OP_RESTART] = "Restarted",
+};
+
+static const char *const op_method[] = {
+        [UNIT_OP_START] = "StartUnit",
+        [UNIT_OP_STOP] = "StopUnit",
+        [UNIT_OP_RESTART] = "RestartUnit",
 };
 
 /* A JobRemoved for our unit seen before StartUnit/StopUnit's reply. */
@@ -329,7 +344,7 @@ int unit_get_state(sd_bus *bus, struct event_base *base, const char *unit, unit_
 
 static void unit_op_job_done(struct unit_op *op, const char *result) {
         if (streq(result, "done")) {
-                log_info("%s %s.", op->kind == UNIT_OP_START ? "Started" : "Stopped", op->unit);
+                log_info("%s %s.", op_done[op->kind], op->unit);
                 unit_op_finish(op, 0, result);
         } else {
                 log_warning("Cannot %s %s: systemd's job ended with result '%s'.", op_verb[op->kind], op->unit,
@@ -425,7 +440,7 @@ static int on_subscribed(sd_bus_message *reply, void *userdata, sd_bus_error *re
                 return 0;
         }
         r = unit_op_call(op, SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE,
-                         op->kind == UNIT_OP_START ? "StartUnit" : "StopUnit", on_job_queued,
+                         op_method[op->kind], on_job_queued,
                          "ss", op->unit, "replace");
         if (r < 0)
                 unit_op_finish(op, r, NULL);
@@ -482,4 +497,9 @@ int unit_start(sd_bus *bus, struct event_base *base, const char *unit, unit_job_
 int unit_stop(sd_bus *bus, struct event_base *base, const char *unit, unit_job_fn cb, void *userdata,
               struct unit_op **ret) {
         return unit_job_async(bus, base, unit, UNIT_OP_STOP, cb, userdata, ret);
+}
+
+int unit_restart(sd_bus *bus, struct event_base *base, const char *unit, unit_job_fn cb, void *userdata,
+                 struct unit_op **ret) {
+        return unit_job_async(bus, base, unit, UNIT_OP_RESTART, cb, userdata, ret);
 }

@@ -69,6 +69,8 @@ int unit_get_state(sd_bus *bus, struct event_base *base, const char *unit, unit_
 /**
  * unit_start() - start @unit and wait until systemd finished the job
  * unit_stop() - stop @unit and wait until systemd finished the job
+ * unit_restart() - restart @unit (start it if it is not running) and wait
+ *                  until systemd finished the job
  *
  * Parameters, ownership and threading as for unit_get_state(); @cb gets the
  * job's result.  On -ETIMEDOUT, or when the operation is freed early, the
@@ -78,6 +80,8 @@ int unit_start(sd_bus *bus, struct event_base *base, const char *unit, unit_job_
                struct unit_op **ret);
 int unit_stop(sd_bus *bus, struct event_base *base, const char *unit, unit_job_fn cb, void *userdata,
               struct unit_op **ret);
+int unit_restart(sd_bus *bus, struct event_base *base, const char *unit, unit_job_fn cb, void *userdata,
+                 struct unit_op **ret);
 
 /* Give a pending operation a new deadline, @timeout_usec from now, instead
  * of UNIT_OP_TIMEOUT_USEC from its start.  0 → -EINVAL. */

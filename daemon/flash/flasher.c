@@ -1,7 +1,7 @@
 /* The table of flashers (one per bootloader protocol) and the small
  * helpers they share: cancel checks, progress reports, failure messages,
- * padding and comparing.  The flashing itself is in katapult.c, dfu.c and
- * picoboot.c next to this file. */
+ * padding and comparing.  The flashing itself is in katapult.c, dfu.c,
+ * picoboot.c and linux.c next to this file. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -13,6 +13,7 @@ static const struct flasher *const flashers[] = {
         &flasher_katapult,
         &flasher_stm32_dfu,
         &flasher_picoboot,
+        &flasher_linux,
 };
 
 const struct flasher *flasher_find(const char *bootloader) {

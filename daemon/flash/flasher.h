@@ -1,5 +1,6 @@
 /* The one flasher interface every bootloader protocol implements: a
- * struct flasher names a bootloader ("katapult", "stm32-dfu", "picoboot")
+ * struct flasher names a bootloader ("katapult", "stm32-dfu", "picoboot",
+ * "linux" for the Linux process MCU's program)
  * and writes an image through it, described by a struct flash_session
  * (how to reach the bootloader, the bytes and where they go, a progress
  * callback and a cancel flag).  A flasher erases what the image needs,
@@ -35,6 +36,7 @@ enum flash_link {
         FLASH_LINK_SERIAL,      /* a tty: USB CDC ACM or UART */
         FLASH_LINK_CAN,         /* a CAN node with an assigned node id */
         FLASH_LINK_USB,         /* a USB device by bus and device number */
+        FLASH_LINK_FILE,        /* a program file on this host (the Linux process MCU) */
 };
 
 enum flash_phase {
@@ -58,6 +60,7 @@ struct flash_session {
         uint8_t can_uuid[FLASH_CAN_UUID_LEN];   /* wire order */
         unsigned usb_busnum;            /* FLASH_LINK_USB */
         unsigned usb_devnum;
+        const char *install_path;       /* FLASH_LINK_FILE: e.g. /usr/local/bin/klipper_mcu */
 
         /* ---- input: the image ---- */
         const uint8_t *data;            /* borrowed, one contiguous run of bytes */
@@ -84,10 +87,16 @@ struct flasher {
         int (*write)(struct flash_session *s);
 };
 
-/* The implementations (flash/katapult.c, flash/dfu.c, flash/picoboot.c). */
+/* The implementations (flash/katapult.c, dfu.c, picoboot.c, linux.c). */
 extern const struct flasher flasher_katapult;
 extern const struct flasher flasher_stm32_dfu;
 extern const struct flasher flasher_picoboot;
+extern const struct flasher flasher_linux;
+
+/* The Linux process MCU's roll-back (flash/linux.c): put @path.old, kept by
+ * the last install, back at @path.  0, or a negative errno with the reason
+ * in @message. */
+int flasher_linux_restore(const char *path, char *message, size_t message_size);
 
 /* The flasher for @bootloader, or NULL when none is implemented. */
 const struct flasher *flasher_find(const char *bootloader);

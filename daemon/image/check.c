@@ -5,6 +5,7 @@
  * is derived from the Cortex-M vector table and the family's list of
  * Klipper FLASH_APPLICATION_ADDRESS choices.  Refusals come with a message
  * for a person; nothing here reads files or talks to devices. */
+#include <elf.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -242,6 +243,58 @@ static bool starts_match(const struct flash_family *f, uint64_t image_start, uin
                target_start == f->no_bootloader_start;
 }
 
+uint16_t image_host_elf_machine(void) {
+#if defined(__x86_64__)
+        return EM_X86_64;
+#elif defined(__i386__)
+        return EM_386;
+#elif defined(__aarch64__)
+        return EM_AARCH64;
+#elif defined(__arm__)
+        return EM_ARM;
+#elif defined(__riscv)
+        return EM_RISCV;
+#elif defined(__powerpc64__)
+        return EM_PPC64;
+#elif defined(__powerpc__)
+        return EM_PPC;
+#elif defined(__mips__)
+        return EM_MIPS;
+#elif defined(__loongarch__)
+        return 258;
+#elif defined(__s390__)
+        return EM_S390;
+#else
+        return EM_NONE;
+#endif
+}
+
+/* The Linux process MCU runs klipper_mcu: the image must be a program for
+ * this host's machine (Klipper's out/klipper.elf of a "linux" build); it is
+ * installed whole, so it has no flash start. */
+static int check_host_program(const struct image *img, const struct image_target *t, uint64_t *ret_start,
+                              enum image_check_error *ret_kind, char **ret_message) {
+        uint16_t host = t->host_elf_machine ?: image_host_elf_machine();
+        const char *image_machine = image_elf_machine_name(img->elf_machine);
+        const char *host_machine = image_elf_machine_name(host);
+
+        if (!img->host_program)
+                return refuse(IMAGE_CHECK_MISMATCH, ret_kind, ret_message,
+                              "a Linux process MCU runs a program: it takes the klipper.elf of Klipper's "
+                              "\"linux\" build, not a %s image", image_format_to_string(img->format));
+        if (!streq(t->mcu_type, "linux"))
+                return refuse(IMAGE_CHECK_MISMATCH, ret_kind, ret_message,
+                              "image is a program for a Linux host, this MCU is %s", t->mcu_type);
+        if (img->elf_machine != host)
+                return refuse(IMAGE_CHECK_MISMATCH, ret_kind, ret_message,
+                              "klipper_mcu image is built for %s, this host runs %s programs; build Klipper's "
+                              "\"linux\" target on this host",
+                              image_machine ?: "another machine", host_machine ?: "other");
+        if (ret_start)
+                *ret_start = 0;
+        return 0;
+}
+
 int image_check(const struct image *img, const struct image_target *t, uint64_t *ret_start,
                 enum image_check_error *ret_kind, char **ret_message) {
         const struct flash_family *f;
@@ -265,6 +318,9 @@ int image_check(const struct image *img, const struct image_target *t, uint64_t 
         if (!streq(img->dict->mcu, t->mcu_type))
                 return refuse(IMAGE_CHECK_MISMATCH, ret_kind, ret_message,
                               "image is for %s, this MCU is %s", img->dict->mcu, t->mcu_type);
+
+        if (img->host_program || streq(t->mcu_type, "linux"))
+                return check_host_program(img, t, ret_start, ret_kind, ret_message);
 
         f = family_for_mcu(t->mcu_type);
         if (img->has_uf2_family && f && f->uf2_family != 0 && img->uf2_family != f->uf2_family)

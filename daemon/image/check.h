@@ -16,6 +16,7 @@ struct image_target {
         uint64_t flash_size;    /* bytes available to the application from flash_start; 0 = unknown */
         const char *bootloader; /* e.g. "katapult", for messages; may be NULL */
         const char *id;         /* the MCU's id for config hints ("[Mcu <id>]"); may be NULL */
+        uint16_t host_elf_machine; /* "linux" MCUs: the host's ELF machine; 0 = this build's */
 };
 
 enum image_check_error {
@@ -33,6 +34,9 @@ enum image_check_error {
  * *@ret_message (to be freed); -ENOMEM.  Output pointers may be NULL. */
 int image_check(const struct image *img, const struct image_target *t, uint64_t *ret_start,
                 enum image_check_error *ret_kind, char **ret_message);
+
+/* The ELF e_machine of programs this daemon's host runs (its own). */
+uint16_t image_host_elf_machine(void);
 
 /* For a .bin: the address it was linked at, derived from its vector table
  * and the candidate application addresses of @mcu_type's family.  Returns

@@ -71,9 +71,6 @@ static uint32_t read_le32(const uint8_t *p) {
         return (uint32_t) p[0] | (uint32_t) p[1] << 8 | (uint32_t) p[2] << 16 | (uint32_t) p[3] << 24;
 }
 
-static uint16_t read_le16(const uint8_t *p) {
-        return (uint16_t) (p[0] | p[1] << 8);
-}
 
 const char *image_format_to_string(enum image_format format) {
         switch (format) {
@@ -180,7 +177,9 @@ static int chunks_to_segments(struct image *img, struct chunk_list *l, char **re
         return 0;
 }
 
-static const char *elf_machine_name(uint16_t machine) {
+static int parse_bin(struct image *img, const uint8_t *p, size_t len);
+
+const char *image_elf_machine_name(uint16_t machine) {
         switch (machine) {
         case EM_386:
                 return "i386";
@@ -214,48 +213,112 @@ static const char *elf_machine_name(uint16_t machine) {
 }
 
 /* The microcontrollers Klipper builds 32-bit ELF files for. */
-static bool elf_machine_supported(uint16_t machine) {
+static bool elf_machine_is_mcu(uint16_t machine) {
         return machine == EM_ARM || machine == EM_AVR || machine == EM_RISCV;
+}
+
+/* The fields of an ELF header that decide how to read the file, in host
+ * order, for either class and byte order. */
+struct elf_info {
+        bool is_64, is_msb;
+        uint16_t type, machine, phentsize, phnum;
+        uint64_t phoff;
+};
+
+static uint64_t elf_read(const struct elf_info *e, const uint8_t *p, unsigned size) {
+        uint64_t v = 0;
+
+        for (unsigned i = 0; i < size; i++)
+                v |= (uint64_t) p[e->is_msb ? size - 1 - i : i] << (8 * i);
+        return v;
+}
+
+/* A program header: p_type, p_offset, p_filesz. */
+static void elf_read_phdr(const struct elf_info *e, const uint8_t *ph, uint32_t *type, uint64_t *offset,
+                          uint64_t *filesz) {
+        *type = (uint32_t) elf_read(e, ph, 4);
+        *offset = e->is_64 ? elf_read(e, ph + 8, 8) : elf_read(e, ph + 4, 4);
+        *filesz = e->is_64 ? elf_read(e, ph + 32, 8) : elf_read(e, ph + 16, 4);
+}
+
+/* A program for a Linux host (Klipper's "linux" build, klipper_mcu): it is
+ * installed as a file, not written to flash, so the image is the whole file
+ * as one segment at 0; the program headers are only checked to lie inside
+ * it (a truncated download must not be installed). */
+static int parse_host_elf(struct image *img, const struct elf_info *e, const uint8_t *p, size_t len,
+                          char **ret_message) {
+        for (unsigned i = 0; i < e->phnum; i++) {
+                uint64_t offset, filesz;
+                uint32_t type;
+
+                elf_read_phdr(e, p + e->phoff + (size_t) i * e->phentsize, &type, &offset, &filesz);
+                if (type == PT_INTERP)
+                        img->host_dynamic = true;
+                if (type != PT_LOAD && type != PT_INTERP && type != PT_DYNAMIC)
+                        continue;
+                if (offset > len || filesz > len - offset)
+                        return set_message(ret_message,
+                                           "truncated ELF file: segment %u (%" PRIu64 " bytes at offset %" PRIu64
+                                           ") lies beyond its end (%zu bytes)", i, filesz, offset, len);
+        }
+        img->host_program = true;
+        return parse_bin(img, p, len);
 }
 
 static int parse_elf(struct image *img, const uint8_t *p, size_t len, char **ret_message) {
         _cleanup_(chunk_list_done) struct chunk_list l = {};
-        Elf32_Ehdr eh;
+        struct elf_info e = {};
+        bool has_interp = false;
         const char *name;
-        uint16_t machine;
         int r;
 
         if (len < EI_NIDENT + 4)
                 return set_message(ret_message, "truncated ELF file (%zu bytes)", len);
-
-        machine = p[EI_DATA] == ELFDATA2MSB ? (uint16_t) (p[18] << 8 | p[19]) : read_le16(p + 18);
-        name = elf_machine_name(machine);
-        if (p[EI_CLASS] != ELFCLASS32 || p[EI_DATA] != ELFDATA2LSB || !elf_machine_supported(machine)) {
-                if (name && !elf_machine_supported(machine))
-                        return set_message(ret_message, "ELF for another machine (%s)", name);
-                if (!elf_machine_supported(machine))
-                        return set_message(ret_message, "ELF for another machine (e_machine %u)", machine);
-                return set_message(ret_message, "ELF for another machine (%s, %s %s)", name,
-                                   p[EI_CLASS] == ELFCLASS64 ? "64-bit" : "32-bit",
-                                   p[EI_DATA] == ELFDATA2MSB ? "big-endian" : "little-endian");
-        }
-        if (len < sizeof(eh))
+        if ((p[EI_CLASS] != ELFCLASS32 && p[EI_CLASS] != ELFCLASS64) ||
+            (p[EI_DATA] != ELFDATA2LSB && p[EI_DATA] != ELFDATA2MSB))
+                return set_message(ret_message, "corrupt ELF file (class %u, data encoding %u)", p[EI_CLASS],
+                                   p[EI_DATA]);
+        e.is_64 = p[EI_CLASS] == ELFCLASS64;
+        e.is_msb = p[EI_DATA] == ELFDATA2MSB;
+        if (len < (e.is_64 ? sizeof(Elf64_Ehdr) : sizeof(Elf32_Ehdr)))
                 return set_message(ret_message, "truncated ELF file (%zu bytes)", len);
-        memcpy(&eh, p, sizeof(eh));
+        e.type = (uint16_t) elf_read(&e, p + 16, 2);
+        e.machine = (uint16_t) elf_read(&e, p + 18, 2);
+        e.phoff = e.is_64 ? elf_read(&e, p + 32, 8) : elf_read(&e, p + 28, 4);
+        e.phentsize = (uint16_t) elf_read(&e, p + (e.is_64 ? 54 : 42), 2);
+        e.phnum = (uint16_t) elf_read(&e, p + (e.is_64 ? 56 : 44), 2);
+        img->elf_machine = e.machine;
+        img->elf_64 = e.is_64;
 
-        if (eh.e_type != ET_EXEC)
-                return set_message(ret_message, "ELF file is not an executable (e_type %u)", eh.e_type);
-        if (eh.e_phnum == 0)
+        name = image_elf_machine_name(e.machine);
+        if (!name && !elf_machine_is_mcu(e.machine))
+                return set_message(ret_message, "ELF for an unknown machine (e_machine %u)", e.machine);
+        if (e.type != ET_EXEC && e.type != ET_DYN)
+                return set_message(ret_message, "ELF file is not an executable (e_type %u)", e.type);
+        if (e.phnum == 0)
                 return set_message(ret_message, "ELF file has no program headers");
-        if (eh.e_phentsize < sizeof(Elf32_Phdr))
-                return set_message(ret_message, "ELF file has a bad program header size (%u)", eh.e_phentsize);
-        if (eh.e_phoff > len || (uint64_t) eh.e_phnum * eh.e_phentsize > len - eh.e_phoff)
+        if (e.phentsize < (e.is_64 ? sizeof(Elf64_Phdr) : sizeof(Elf32_Phdr)))
+                return set_message(ret_message, "ELF file has a bad program header size (%u)", e.phentsize);
+        if (e.phoff > len || (uint64_t) e.phnum * e.phentsize > len - e.phoff)
                 return set_message(ret_message, "truncated ELF file: program headers beyond its end");
 
-        for (unsigned i = 0; i < eh.e_phnum; i++) {
+        /* Firmware for a microcontroller is a static 32-bit little-endian
+         * executable for one of its machines; anything else (64-bit, PIE,
+         * an interpreter, another machine) is a program for a Linux host. */
+        for (unsigned i = 0; i < e.phnum; i++) {
+                uint64_t offset, filesz;
+                uint32_t type;
+
+                elf_read_phdr(&e, p + e.phoff + (size_t) i * e.phentsize, &type, &offset, &filesz);
+                has_interp = has_interp || type == PT_INTERP;
+        }
+        if (e.is_64 || e.is_msb || e.type != ET_EXEC || has_interp || !elf_machine_is_mcu(e.machine))
+                return parse_host_elf(img, &e, p, len, ret_message);
+
+        for (unsigned i = 0; i < e.phnum; i++) {
                 Elf32_Phdr ph;
 
-                memcpy(&ph, p + eh.e_phoff + (size_t) i * eh.e_phentsize, sizeof(ph));
+                memcpy(&ph, p + e.phoff + (size_t) i * e.phentsize, sizeof(ph));
                 if (ph.p_type != PT_LOAD || ph.p_filesz == 0)
                         continue;
                 if (ph.p_offset > len || ph.p_filesz > len - ph.p_offset)

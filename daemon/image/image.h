@@ -40,6 +40,14 @@ struct image {
         uint64_t total_size;            /* bytes from lowest_address to the end of the last segment */
         uint64_t data_size;             /* bytes actually present (sum of segment sizes) */
         struct klipper_dict *dict;      /* embedded data dictionary, NULL if none was found */
+        /* ELF only: e_machine (EM_ARM, EM_X86_64, …) and class. */
+        uint16_t elf_machine;
+        bool elf_64;
+        /* An ELF program for a Linux host (Klipper's "linux" build): one
+         * segment, the whole file, at address 0; host_dynamic when it names
+         * an interpreter (dynamically linked). */
+        bool host_program;
+        bool host_dynamic;
         bool has_uf2_family;
         uint32_t uf2_family;            /* UF2 familyID (0xE48BFF56 = RP2040) */
 };
@@ -66,6 +74,9 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct image *, image_free);
  * @base lies above the lowest segment, -EFBIG when the span exceeds 256 MiB,
  * -ENOMEM. */
 int image_flat(const struct image *img, uint64_t base, uint8_t **ret, size_t *ret_len);
+
+/* A name for an ELF e_machine ("x86-64", "AArch64", "ARM", …), or NULL. */
+const char *image_elf_machine_name(uint16_t machine);
 
 /* "bin", "ELF", "Intel HEX", "UF2". */
 const char *image_format_to_string(enum image_format format);

@@ -33,7 +33,7 @@ import katapult_serial  # noqa: E402
 import usb_boot  # noqa: E402
 
 SOURCES = ["daemon/flash/flasher.c", "daemon/flash/katapult.c", "daemon/flash/dfu.c",
-           "daemon/flash/picoboot.c", "daemon/proto/katapult.c", "daemon/proto/klipper.c",
+           "daemon/flash/picoboot.c", "daemon/flash/linux.c", "daemon/proto/katapult.c", "daemon/proto/klipper.c",
            "daemon/proto/dfu.c", "daemon/proto/picoboot.c",
            "daemon/transport/serial.c", "daemon/transport/can.c", "daemon/transport/usb.c",
            "daemon/transport/holders.c", "daemon/transport/fdwait.c"]
@@ -57,7 +57,8 @@ DRIVER = r"""
 /* Runs one flasher of daemon/flash/ against a simulated bootloader and
  * prints its progress and result:
  *   driver BOOTLOADER LINK IMAGE START APP_START [mcu=NAME] [cancel-after=N]
- * LINK is serial:PATH, usb:BUS:DEV or can:IFACE:NODEID.  Output lines:
+ * LINK is serial:PATH, usb:BUS:DEV, can:IFACE:NODEID or file:PATH (where
+ * the Linux process MCU's program goes).  Output lines:
  *   PROGRESS <phase> <done> <total>
  *   RESULT <errno or 0> <message>
  * cancel-after=N sets the cancel flag after the Nth progress report of the
@@ -144,6 +145,9 @@ int main(int argc, char **argv) {
                 *p = '\0';
                 s.can_interface = link_arg + 4;
                 s.can_nodeid = (unsigned) strtoul(p + 1, NULL, 0);
+        } else if (startswith(link_arg, "file:")) {
+                s.link = FLASH_LINK_FILE;
+                s.install_path = argv[2] + strlen("file:");
         } else
                 return 1;
 
@@ -559,6 +563,63 @@ def test_picoboot_cancel_between_blocks(usb):
     with sim.lock:
         assert sim.writes == [(RP2040_APP, 4096)]
         assert sim.reboots == []
+
+
+# ---------------------------------------------------------------------------
+# The Linux process MCU's program
+
+
+def test_linux_installs_keeps_the_old_one_and_restores(driver, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    program = bindir / "klipper_mcu"
+    old = pattern(70000, 1)
+    program.write_bytes(old)
+    os.chmod(program, 0o750)
+    new = pattern(150000, 2)
+
+    r = run_driver(driver, tmp_path, "linux", "file:%s" % program, new, 0, 0)
+    r.ok()
+    assert program.read_bytes() == new
+    assert (bindir / "klipper_mcu.old").read_bytes() == old
+    assert os.stat(program).st_mode & 0o7777 == 0o750
+    assert sorted(os.listdir(bindir)) == ["klipper_mcu", "klipper_mcu.old"]
+    assert r.last("writing") == (len(new), len(new)) and r.last("verifying") == (len(new), len(new))
+
+    # A first install (nothing there yet) makes it 0755, no .old.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    r = run_driver(driver, tmp_path, "linux", "file:%s" % (fresh / "klipper_mcu"), new, 0, 0)
+    r.ok()
+    assert os.stat(fresh / "klipper_mcu").st_mode & 0o7777 == 0o755
+    assert os.listdir(fresh) == ["klipper_mcu"]
+
+
+def test_linux_failures_leave_the_program_alone(driver, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    program = bindir / "klipper_mcu"
+    old = pattern(5000, 3)
+    program.write_bytes(old)
+
+    # Cancelled while writing: nothing replaced, no debris.
+    r = run_driver(driver, tmp_path, "linux", "file:%s" % program, pattern(300000, 4), 0, 0,
+                   "cancel-after=1")
+    r.failed(errno.ECANCELED)
+    assert program.read_bytes() == old
+    assert os.listdir(bindir) == ["klipper_mcu"]
+
+    # No such directory; not a regular file; relative path.
+    r = run_driver(driver, tmp_path, "linux", "file:%s" % (tmp_path / "nowhere" / "klipper_mcu"),
+                   pattern(100, 5), 0, 0)
+    r.failed(errno.ENOENT)
+    assert "Cannot create a file" in r.message
+    r = run_driver(driver, tmp_path, "linux", "file:%s" % bindir, pattern(100, 5), 0, 0)
+    r.failed(errno.EINVAL)
+    assert "not a regular file" in r.message
+    r = run_driver(driver, tmp_path, "linux", "file:klipper_mcu", pattern(100, 5), 0, 0)
+    r.failed(errno.EINVAL)
+    assert program.read_bytes() == old
 
 
 def test_unknown_bootloader(driver, tmp_path):

@@ -16,8 +16,11 @@ The CAN toolboard (EBBCan) is a CAN node simulator on the test CAN hub
 (tests/sim/canhub.py) and the daemon runs under the CAN shim, since this
 kernel has no CAN; the Linux process MCU (rpi) is a pty with a Klipper
 simulator behind a klipper_host_mcu symlink in the demo's temporary
-directory (not /tmp/klipper_host_mcu, so that a real one is never touched).
-The flash step of the demo comes with flashing.  The build dir is
+directory (not /tmp/klipper_host_mcu, so that a real one is never touched),
+run as klipper-mcu.service by the systemd mock (tests/sim/systemd_mock.py)
+from the klipper_mcu program installed in the demo's usr-local-bin/: flashing
+rpi installs $DEMO_IMAGES/rpi.elf there and the restarted service answers
+with its version.  Without `--` the demo flashes the out-of-date eddy.  The build dir is
 $MCUFLASHD_BUILDDIR (default <repo>/build); this script does not build
 anything.
 """
@@ -57,7 +60,8 @@ import can_node  # noqa: E402
 sys.path.insert(0, HERE)
 import mkimage  # noqa: E402
 import canhub  # noqa: E402
-from linux_mcu import LinuxMcuProcess  # noqa: E402
+from linux_mcu import LinuxMcuService  # noqa: E402
+import systemd_mock  # noqa: E402
 
 MAIN = dict(name="mcu", mcu="stm32f429xx", serial="2E0036000851363131363530", port="1-1.2",
             version=harness.HOST_VERSION, bootloader="stm32-dfu")
@@ -128,10 +132,22 @@ def write_demo_images(folder):
             ("mcu.bin", "stm32f429xx", 0x08008000, "bin", "usb"),
             ("eddy.uf2", "rp2040", 0x10000000, "uf2", "usb"),
             ("EBBCan.bin", "stm32g0b1xx", 0x08002000, "bin", "can"),
-            ("wrong-chip.bin", "stm32f103xe", 0x08007000, "bin", "usb")):
+            ("wrong-chip.bin", "stm32f103xe", 0x08007000, "bin", "usb"),
+            ("rpi.elf", "linux", 0, "elf", "serial")):
         with open(os.path.join(folder, name), "wb") as f:
             f.write(mkimage.build(mcu, version, start, fmt=fmt, link=link))
     return folder
+
+
+def install_klipper_mcu(workdir, version):
+    """klipper_mcu at @version in the demo's own usr-local-bin/."""
+    bindir = os.path.join(workdir, "usr-local-bin")
+    os.makedirs(bindir, exist_ok=True)
+    program = os.path.join(bindir, "klipper_mcu")
+    with open(program, "wb") as f:
+        f.write(mkimage.host_program(version))
+    os.chmod(program, 0o755)
+    return program
 
 
 class Terminated(Exception):
@@ -178,7 +194,7 @@ def main():
 
     signal.signal(signal.SIGTERM, on_sigterm)
     env = harness.Environment(keep=args.keep)
-    hub = ebb = rpi = None
+    hub = ebb = rpi = systemd = None
     status = 1
     try:
         env.start_bus()
@@ -198,7 +214,10 @@ def main():
         ebb = can_node.KlipperCanNode(hub.path, EBBCAN["iface"], EBBCAN["uuid"],
                                       version=EBBCAN["version"], mcu=EBBCAN["mcu"])
         ebb.start()
-        rpi = LinuxMcuProcess(rpi_link, RPI["version"])
+        systemd = systemd_mock.SystemdMock(env.bus.address, units={"klipper-mcu.service": "active"},
+                                           job_delay=0.1).start()
+        program = install_klipper_mcu(env.workdir, RPI["version"])
+        rpi = LinuxMcuService(systemd, "klipper-mcu.service", program, rpi_link).start()
         shim = os.path.join(harness.build_dir(), "tests", "shim", "libcanshim.so")
         # The Octopus's ST ROM DFU cannot tell where Klipper goes (a 32 KiB
         # bootloader is kept below it): the configuration says so.
@@ -206,7 +225,8 @@ def main():
             "LD_PRELOAD": "%s:%s" % (shim, harness.umockdev_preload()),
             "CANSHIM_HUB": hub.path,
             "MCUFLASHD_CAN_TEST_HUB": hub.path,
-        }, extra="\n[Mcu %s]\nFlashStart=0x08008000\n" % MAIN["serial"])
+        }, extra="\n[Mcu %s]\nFlashStart=0x08008000\n\n[Mcu linux-klipper_host_mcu]\nProgram=%s\n"
+               "Service=klipper-mcu.service\n" % (MAIN["serial"], program))
         images = write_demo_images(os.path.join(env.workdir, "images"))
 
         def all_identified():
@@ -245,7 +265,7 @@ def main():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         daemon = env.daemon
         daemon_status = env.close()
-        for sim in (rpi, ebb, hub):
+        for sim in (rpi, ebb, hub, systemd):
             if sim is not None:
                 sim.stop()
         if daemon is not None and args.verbose:

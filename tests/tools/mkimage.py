@@ -11,7 +11,13 @@ a minimal ELF32 ARM executable (PT_LOAD segments at their load addresses,
 as `readelf -l` shows them), Intel HEX (with type 04 records) or UF2
 (256-byte payloads).  RP2040 UF2 images start at 0x10000000 with a 256-byte
 boot2 stage and the vector table at 0x10000100.  The bytes are not
-executable firmware; Linux process MCUs are not covered.
+executable firmware.
+
+For the Linux process MCU (mcu "linux") build() returns what Klipper's
+"linux" target leaves in out/klipper.elf: a 64-bit little-endian PIE for
+the host's machine (x86-64 unless told otherwise) with PT_PHDR, PT_INTERP
+and PT_LOAD headers and the dictionary in its .rodata; image_version()
+reads the version back out of such a file, as klipper_mcu would answer.
 
 CLI: mkimage.py --mcu stm32f429xx --version V --start 0x08008000 --format bin -o out.bin
 """
@@ -200,6 +206,59 @@ def _boot2(rng):
     return code + struct.pack("<I", 0x7A4EB274)   # stands in for the CRC32 of boot2
 
 
+# ELF e_machine of the Linux machines the host-program builder knows.
+ELF_MACHINES = {"x86-64": 62, "aarch64": 183, "arm": 40, "i386": 3, "riscv": 243}
+
+
+def host_machine():
+    """The ELF machine name of this host (os.uname)."""
+    machine = os.uname().machine
+    return {"x86_64": "x86-64", "aarch64": "aarch64", "arm64": "aarch64", "i686": "i386",
+            "riscv64": "riscv"}.get(machine, "arm" if machine.startswith("arm") else machine)
+
+
+def host_program(version, machine=None, size=48 * 1024):
+    """klipper_mcu as Klipper's "linux" build links it: ELF64 LE ET_DYN."""
+    machine = machine or host_machine()
+    rng = random.Random("linux-%s-%s" % (version, machine))
+    _, compressed = klipper_dict.build(version, "linux", link="serial")
+    interp = b"/lib64/ld-linux-x86-64.so.2\0" if machine == "x86-64" else b"/lib/ld-linux-aarch64.so.1\0"
+    ehsize, phentsize, phnum = 64, 56, 3
+    phoff = ehsize
+    interp_off = phoff + phentsize * phnum
+    text_off = (interp_off + len(interp) + 0xF) & ~0xF
+    text = _thumb_filler(rng, 0x3000)
+    rodata = _rodata_strings() + b"\x05\x06\x07" + compressed + _rodata_strings()
+    body = text + rodata
+    if len(body) + text_off < size:
+        body += _thumb_filler(rng, size - len(body) - text_off)
+    total = text_off + len(body)
+    phdrs = struct.pack("<IIQQQQQQ", 6, 4, phoff, phoff, phoff, phentsize * phnum, phentsize * phnum, 8)
+    phdrs += struct.pack("<IIQQQQQQ", 3, 4, interp_off, interp_off, interp_off, len(interp), len(interp), 1)
+    phdrs += struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, total, total, 0x1000)
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
+    header = ident + struct.pack("<HHIQQQIHHHHHH", 3, ELF_MACHINES[machine], 1, text_off + 0x41, phoff, 0, 0,
+                                 ehsize, phentsize, phnum, 64, 0, 0)
+    out = header + phdrs + interp
+    out += b"\0" * (text_off - len(out))
+    return out + body
+
+
+def image_version(data):
+    """The version in the first Klipper data dictionary inside @data, or None."""
+    import json
+    import zlib
+    pos = data.find(b"\x78\xda")
+    while pos >= 0:
+        try:
+            d = zlib.decompressobj()
+            text = d.decompress(data[pos:pos + 256 * 1024])
+            return json.loads(text.decode()).get("version")
+        except (zlib.error, ValueError, UnicodeDecodeError):
+            pos = data.find(b"\x78\xda", pos + 1)
+    return None
+
+
 def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="usb"):
     """A Klipper image for @mcu (config.MCU) with @version, linked at @start.
 
@@ -207,7 +266,9 @@ def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="us
     image includes boot2 and the vector table sits at 0x10000100.
     """
     if mcu == "linux":
-        raise ValueError("Linux process MCU images are host executables, not built here")
+        if fmt != "elf":
+            raise ValueError("a Linux process MCU image is an ELF program")
+        return host_program(version)
     app_start = start
     prefix = b""
     if mcu.startswith("rp2040") and start == 0x10000000:
@@ -237,7 +298,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Build a realistic Klipper firmware image.")
     parser.add_argument("--mcu", required=True, help="config.MCU, e.g. stm32f429xx")
     parser.add_argument("--version", required=True, help="firmware version, e.g. v0.13.0-46-g8c72b4a5")
-    parser.add_argument("--start", required=True, type=lambda s: int(s, 0), help="link address")
+    parser.add_argument("--start", default=0, type=lambda s: int(s, 0), help="link address")
     parser.add_argument("--format", default="bin", choices=("bin", "elf", "hex", "uf2"))
     parser.add_argument("--size", default=20 * 1024, type=lambda s: int(s, 0), help="approximate size")
     parser.add_argument("--ram-top", default=None, type=lambda s: int(s, 0), help="initial stack pointer")

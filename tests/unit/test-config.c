@@ -122,6 +122,9 @@ static void test_bad_values(void **state) {
                 { "[Klipper]\nPath /home/pi/klipper\n", 2 },
                 { "[Klipper\nPath=/home/pi/klipper\n", 1 },
                 { "[Klipper]\n=/home/pi/klipper\n", 2 },
+                { "[Mcu 2E00]\nFlashStart=32k\n", 2 },
+                { "[Mcu linux-klipper_host_mcu]\nProgram=klipper_mcu\n", 2 },
+                { "[Mcu linux-klipper_host_mcu]\nService=klipper-mcu\n", 2 },
         };
         struct fixture *f = *state;
 
@@ -253,6 +256,34 @@ static void test_serial_devices_across_files(void **state) {
         assert_null(c->extra_serial_devices[2]);
 }
 
+static void test_mcu_sections(void **state) {
+        struct fixture *f = *state;
+        _cleanup_(config_freep) struct config *c = NULL;
+        _cleanup_free_ char *path = NULL;
+        uint64_t start = 0;
+
+        path = write_file(f, "mcu.conf",
+                          "[Mcu 2E0036000851363131363530]\n"
+                          "FlashStart=0x08008000\n"
+                          "[Mcu linux-klipper_host_mcu]\n"
+                          "Program=/opt/klipper/klipper_mcu\n"
+                          "Service=klipper-host-mcu.service\n"
+                          "[Mcu 2E0036000851363131363530]\n"
+                          "FlashStart=0x08010000\n");
+        assert_int_equal(config_new(&c), 0);
+        assert_int_equal(config_load(c, path, false), 0);
+        /* The last one wins; sections do not leak into each other. */
+        assert_int_equal(config_mcu_flash_start(c, "2E0036000851363131363530", &start), 0);
+        assert_int_equal(start, 0x08010000);
+        assert_int_equal(config_mcu_flash_start(c, "linux-klipper_host_mcu", &start), -ENOENT);
+        assert_int_equal(config_mcu_flash_start(c, "2E00", &start), -ENOENT);
+        assert_string_equal(config_mcu_get(c, "linux-klipper_host_mcu", "Program"), "/opt/klipper/klipper_mcu");
+        assert_string_equal(config_mcu_get(c, "linux-klipper_host_mcu", "Service"), "klipper-host-mcu.service");
+        assert_null(config_mcu_get(c, "linux-klipper_host_mcu", "Prog"));
+        assert_null(config_mcu_get(c, "2E0036000851363131363530", "Program"));
+        assert_null(config_mcu_get(c, "linux", "Program"));
+}
+
 static void test_parse_sec(void **state) {
         static const struct {
                 const char *input;
@@ -331,6 +362,7 @@ int main(void) {
                 unit_test_in_tmpdir(test_unknown_keys_warn),
                 unit_test_in_tmpdir(test_serial_devices),
                 unit_test_in_tmpdir(test_serial_devices_across_files),
+                unit_test_in_tmpdir(test_mcu_sections),
                 cmocka_unit_test(test_parse_sec),
         };
 

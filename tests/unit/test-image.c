@@ -12,6 +12,7 @@
 
 #include <cmocka.h>
 
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -216,6 +217,43 @@ static struct buf make_elf(uint32_t start, const uint8_t *text, size_t len, uint
         buf_append(&b, h, sizeof(h));
         buf_append(&b, text, len);
         buf_append(&b, data_init, sizeof(data_init));
+        return b;
+}
+
+/* ELF64 little-endian PIE for @machine, like Klipper's "linux" build of
+ * klipper_mcu: PT_INTERP, one PT_LOAD holding the whole file, the "linux"
+ * dictionary inside its .rodata. */
+static struct buf make_host_elf(uint16_t machine) {
+        static const char interp[] = "/lib64/ld-linux-x86-64.so.2";
+        struct buf b = {};
+        uint8_t h[64 + 2 * 56] = {}, filler[512];
+        size_t dlen;
+        uint8_t *dict = make_dict("linux", true, &dlen);
+        uint64_t total = sizeof(h) + sizeof(interp) + sizeof(filler) + dlen;
+
+        memcpy(h, "\177ELF\2\1\1", 7);
+        put_le16(h + 16, 3);                    /* ET_DYN */
+        put_le16(h + 18, machine);
+        put_le32(h + 20, 1);
+        put_le32(h + 32, 64);                   /* e_phoff */
+        put_le16(h + 52, 64);
+        put_le16(h + 54, 56);
+        put_le16(h + 56, 2);
+        /* PT_INTERP */
+        put_le32(h + 64, 3);
+        put_le32(h + 64 + 8, sizeof(h));
+        put_le32(h + 64 + 32, sizeof(interp));
+        /* PT_LOAD: the whole file */
+        put_le32(h + 120, 1);
+        put_le32(h + 120 + 32, (uint32_t) total);
+        put_le32(h + 120 + 40, (uint32_t) total);
+        for (size_t i = 0; i < sizeof(filler); i++)
+                filler[i] = (uint8_t) (0x20 + i % 0x50);
+        buf_append(&b, h, sizeof(h));
+        buf_append(&b, interp, sizeof(interp));
+        buf_append(&b, filler, sizeof(filler));
+        buf_append(&b, dict, dlen);
+        free(dict);
         return b;
 }
 
@@ -463,12 +501,21 @@ static void test_elf_bad(void **state) {
         struct buf copy = {};
         uint8_t elf64[64] = { 0x7f, 'E', 'L', 'F', 2, 1, 1 };
 
+        _cleanup_(image_freep) struct image *img = NULL;
+
         (void) state;
-        assert_load_fails(&other, "ELF for another machine (x86-64)");
+        /* A 32-bit x86 executable is a program for a Linux host, never
+         * firmware for a Cortex-M. */
+        assert_int_equal(load(&other, &img, NULL), 0);
+        assert_true(img->host_program);
+        assert_check_refused(img, "stm32f429xx", 0x08008000, 0, IMAGE_CHECK_MISMATCH,
+                             "a program for a Linux host");
         buf_append(&copy, elf64, sizeof(elf64));
         put_le16(copy.data + 16, 3);
         put_le16(copy.data + 18, 62);
-        assert_load_fails(&copy, "ELF for another machine (x86-64)");
+        assert_load_fails(&copy, "no program headers");
+        put_le16(copy.data + 18, 4242);
+        assert_load_fails(&copy, "unknown machine (e_machine 4242)");
         buf_free(&copy);
 
         buf_append(&copy, elf.data, 40);
@@ -487,6 +534,66 @@ static void test_elf_bad(void **state) {
         buf_free(&other);
         buf_free(&elf);
         buf_free(&app);
+}
+
+static int check_linux(const struct image *img, uint16_t host_machine, uint64_t *ret_start,
+                       enum image_check_error *ret_kind, char **ret_message) {
+        struct image_target t = {
+                .mcu_type = "linux",
+                .bootloader = "linux",
+                .id = "linux-klipper_host_mcu",
+                .host_elf_machine = host_machine,
+        };
+
+        return image_check(img, &t, ret_start, ret_kind, ret_message);
+}
+
+static void test_host_elf(void **state) {
+        struct buf prog = make_host_elf(EM_X86_64);
+        struct buf copy = {};
+        struct buf app = make_app("linux", 0x08008000, 0x20020000, 1024);
+        _cleanup_(image_freep) struct image *img = NULL, *bin = NULL, *trunc = NULL;
+        _cleanup_free_ char *message = NULL, *message2 = NULL, *message3 = NULL;
+        enum image_check_error kind = IMAGE_CHECK_OK;
+        uint64_t start = 1;
+        uint8_t *flat = NULL;
+        size_t flat_len = 0;
+
+        (void) state;
+        assert_int_equal(load(&prog, &img, NULL), 0);
+        assert_int_equal(img->format, IMAGE_FORMAT_ELF);
+        assert_true(img->host_program);
+        assert_true(img->host_dynamic);
+        assert_int_equal(img->elf_machine, EM_X86_64);
+        assert_non_null(img->dict);
+        assert_string_equal(img->dict->mcu, "linux");
+        /* Installed whole: the flat image is the file. */
+        assert_int_equal(image_flat(img, 0, &flat, &flat_len), 0);
+        assert_int_equal(flat_len, prog.len);
+        assert_memory_equal(flat, prog.data, prog.len);
+        free(flat);
+
+        assert_int_equal(check_linux(img, EM_X86_64, &start, &kind, &message), 0);
+        assert_int_equal(start, 0);
+        assert_true(check_linux(img, EM_AARCH64, NULL, &kind, &message) < 0);
+        assert_int_equal(kind, IMAGE_CHECK_MISMATCH);
+        assert_non_null(strstr(message, "built for x86-64, this host runs AArch64"));
+        /* Never onto a microcontroller. */
+        assert_check_refused(img, "stm32f429xx", 0x08008000, 0, IMAGE_CHECK_MISMATCH, "image is for linux");
+
+        /* A .bin is no program. */
+        assert_int_equal(load(&app, &bin, NULL), 0);
+        assert_true(check_linux(bin, EM_X86_64, NULL, &kind, &message2) < 0);
+        assert_non_null(strstr(message2, "takes the klipper.elf"));
+
+        /* Truncated: the PT_LOAD reaches past the end. */
+        buf_append(&copy, prog.data, prog.len - 10);
+        assert_int_equal(load(&copy, &trunc, &message3) < 0, 1);
+        assert_non_null(strstr(message3, "truncated ELF file: segment 1"));
+
+        buf_free(&copy);
+        buf_free(&app);
+        buf_free(&prog);
 }
 
 static void test_hex(void **state) {
@@ -766,6 +873,7 @@ int main(void) {
                 cmocka_unit_test(test_uf2_corrupt),
                 cmocka_unit_test(test_elf),
                 cmocka_unit_test(test_elf_bad),
+                cmocka_unit_test(test_host_elf),
                 cmocka_unit_test(test_hex),
                 cmocka_unit_test(test_hex_segments_and_gaps),
                 cmocka_unit_test(test_hex_corrupt),
