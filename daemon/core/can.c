@@ -230,6 +230,18 @@ static bool can_mcu_on(const struct mcu *m, const char *ifname) {
         return m->transport_id == MCU_TRANSPORT_CAN && streq(m->can_interface, ifname);
 }
 
+/* Is the node with @uuid in the middle of a job's transfer (a flasher
+ * talks to it)?  A scan then neither asks it nor trusts what it heard. */
+static bool can_uuid_link_busy(struct daemon *d, const char *uuid) {
+        for (size_t i = 0; i < d->registry->n_mcus; i++) {
+                struct mcu *m = d->registry->mcus[i];
+
+                if (m->transport_id == MCU_TRANSPORT_CAN && m->link_busy && strcaseeq_ptr(m->can_uuid, uuid))
+                        return true;
+        }
+        return false;
+}
+
 static void can_apply_result(struct daemon *d, const char *ifname, const struct can_scan_result *res) {
         char uuid[CANBUS_UUID_STRING_LEN], where[64];
         struct mcu *m;
@@ -237,6 +249,10 @@ static void can_apply_result(struct daemon *d, const char *ifname, const struct 
 
         canbus_uuid_to_string(res->uuid, uuid);
         m = registry_find_by_id(d->registry, uuid);
+        if (m && m->link_busy) {
+                log_debug("%s: being flashed; scan result ignored.", m->id);
+                return;
+        }
         if (!m) {
                 if (mcu_new(uuid, &m) < 0) {
                         log_oom();
@@ -363,7 +379,7 @@ static void can_scan_done(void *userdata, int result) {
                 bool seen = false;
                 char reason[96];
 
-                if (!can_mcu_on(m, job->ifname))
+                if (!can_mcu_on(m, job->ifname) || m->link_busy)
                         continue;
                 if (daemon_mcu_held_by_klipper(d, m)) {
                         /* Not asked: Klipper has it.  Refresh says so. */
@@ -457,7 +473,8 @@ static void can_scan_start(struct daemon *d, struct can_iface *iface) {
                 /* Only Klipper nodes on the daemon's own ids: a Katapult id is
                  * gone once the node runs Klipper again. */
                 if (can_mcu_on(m, iface->name) && m->can_nodeid >= CANBUS_NODEID_DAEMON_FIRST &&
-                    m->can_nodeid <= CANBUS_NODEID_DAEMON_LAST && !daemon_mcu_held_by_klipper(d, m))
+                    m->can_nodeid <= CANBUS_NODEID_DAEMON_LAST && !daemon_mcu_held_by_klipper(d, m) &&
+                    !m->link_busy)
                         r = can_scan_job_add_known(job, m->can_uuid, m->can_nodeid, false);
         }
         /* printer.cfg's nodes on this interface: only when the klippy API
@@ -466,7 +483,7 @@ static void can_scan_start(struct daemon *d, struct can_iface *iface) {
                 const struct printercfg_mcu *e = &d->printercfg->mcus[i];
 
                 if (!isempty(e->canbus_uuid) && streq(printercfg_can_interface(e), iface->name) &&
-                    d->klippy_says_stopped)
+                    d->klippy_says_stopped && !can_uuid_link_busy(d, e->canbus_uuid))
                         r = can_scan_job_add_known(job, e->canbus_uuid, 0, true);
         }
         if (r >= 0)

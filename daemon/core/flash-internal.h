@@ -37,6 +37,9 @@ struct flash {
         uint8_t *data;
         size_t size;
         bool skip;                      /* already at this version, not forced */
+        bool started_in_application;    /* the MCU ran its application when the job began */
+        enum mcuflash_error refusal_error;
+        char *refusal;                  /* why the bootloader's answer refused the image */
 
         /* Progress from the worker, read on the loop when the eventfd fires. */
         struct flash_session session;

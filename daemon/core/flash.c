@@ -39,6 +39,7 @@ static void flash_free(struct job *j) {
         safe_close(f->progress_fd);
         image_free(f->image);
         free(f->image_version);
+        free(f->refusal);
         free(f->data);
         free(f);
 }
@@ -154,6 +155,14 @@ static void flash_worker_done(void *userdata, int result) {
         reboot_step(j, false, flash_back_in_application);
 }
 
+/* The bootloader's own answer refused the image; the MCU is back. */
+static void flash_refused_back(struct job *j) {
+        struct flash *f = j->data;
+
+        job_finish(j, JOB_STATE_FAILED, f->refusal_error, "%s; nothing was written, and the MCU runs its "
+                   "application again.", f->refusal ?: "the image does not fit this MCU");
+}
+
 /* In the bootloader: check against what it says, then write. */
 static void flash_in_bootloader(struct job *j) {
         struct flash *f = j->data;
@@ -183,9 +192,19 @@ static void flash_in_bootloader(struct job *j) {
         };
         r = image_check(f->image, &target, &start, &kind, &message);
         if (r < 0) {
-                job_finish(j, JOB_STATE_FAILED,
-                           kind == IMAGE_CHECK_MISMATCH || kind == IMAGE_CHECK_TOO_BIG ?
-                           MCUFLASH_ERROR_IMAGE_MISMATCH : MCUFLASH_ERROR_INVALID_IMAGE,
+                enum mcuflash_error error = kind == IMAGE_CHECK_MISMATCH || kind == IMAGE_CHECK_TOO_BIG ?
+                                            MCUFLASH_ERROR_IMAGE_MISMATCH : MCUFLASH_ERROR_INVALID_IMAGE;
+
+                /* Leave things as they were: back to the application. */
+                if (f->started_in_application) {
+                        f->refusal_error = error;
+                        f->refusal = TAKE_PTR(message);
+                        log_info("job %u: %s; starting the application again.", j->number,
+                                 strempty(f->refusal));
+                        reboot_step(j, false, flash_refused_back);
+                        return;
+                }
+                job_finish(j, JOB_STATE_FAILED, error,
                            "%s; nothing was written. The MCU is in its bootloader; 'mcuflashctl reboot' "
                            "starts its application again.", message ?: "the image does not fit this MCU");
                 return;
@@ -336,6 +355,7 @@ int flash_start(struct daemon *d, struct mcu *m, struct image *img, bool force, 
                 free(f);
                 return -ENOMEM;
         }
+        f->started_in_application = m->state_id == MCU_STATE_APPLICATION;
         f->skip = !force && m->state_id == MCU_STATE_APPLICATION && !isempty(m->firmware_version) &&
                   streq(m->firmware_version, f->image_version);
         /* The job owns the image once it exists (it may need it at once). */

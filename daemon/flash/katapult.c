@@ -119,6 +119,12 @@ static int katapult_write(struct flash_session *s) {
         }
 
         r = katapult_connect(t, KATAPULT_TIMEOUT_MS_DEFAULT, &info);
+        if (r == -ETIMEDOUT) {
+                /* A broken-off transfer may have left half a frame behind. */
+                r = katapult_resync(t);
+                if (r >= 0)
+                        r = katapult_connect(t, KATAPULT_TIMEOUT_MS_DEFAULT, &info);
+        }
         if (r < 0)
                 return katapult_fail(s, r, "CONNECT", 0);
         r = katapult_check_target(s, t, &info);

@@ -560,33 +560,28 @@ int katapult_request_block(struct transport *t, uint32_t address, void *buf, uin
                                echoed, address);
 }
 
-int katapult_prime(struct transport *t) {
+/* Send @wire and throw away what comes back for up to @timeout_ms: the
+ * first whole frame ends it (@what names the step in messages). */
+static int katapult_send_and_discard(struct transport *t, const uint8_t *wire, size_t len, int timeout_ms,
+                                     const char *what) {
         _cleanup_free_ struct katapult_frame *answer = NULL;
         struct katapult_decoder decoder;
-        uint8_t wire[KATAPULT_FRAME_OVERHEAD];
         uint64_t deadline;
-        int wire_len, r;
-
-        if (!t)
-                return -EINVAL;
+        int r;
 
         answer = malloc(sizeof(*answer));
         if (!answer)
                 return -ENOMEM;
 
-        wire_len = katapult_frame_build(wire, sizeof(wire), KATAPULT_CMD_PRIME, NULL, 0);
-        if (wire_len < 0)
-                return wire_len;
-
         r = transport_flush(t);
         if (r == -ENODEV)
                 return r;
-        r = transport_write(t, wire, (size_t) wire_len, KATAPULT_PRIME_TIMEOUT_MS);
+        r = transport_write(t, wire, len, timeout_ms);
         if (r < 0)
-                return log_debug_errno(r, "%s: failed to send the Katapult prime frame: %m", transport_name(t));
+                return log_debug_errno(r, "%s: failed to send %s: %m", transport_name(t), what);
 
         katapult_decoder_init(&decoder);
-        deadline = now_msec() + KATAPULT_PRIME_TIMEOUT_MS;
+        deadline = now_msec() + (uint64_t) timeout_ms;
         for (;;) {
                 uint8_t buf[256];
                 uint64_t now = now_msec();
@@ -601,16 +596,42 @@ int katapult_prime(struct transport *t) {
                 if (n == -EINTR || n == -EAGAIN || n == 0)
                         continue;
                 if (n < 0)
-                        return log_debug_errno((int) n, "%s: Katapult link lost while priming: %m",
-                                               transport_name(t));
+                        return log_debug_errno((int) n, "%s: Katapult link lost after %s: %m",
+                                               transport_name(t), what);
 
                 if (katapult_decoder_feed(&decoder, buf, (size_t) n, &used, answer) > 0) {
-                        log_debug("%s: discarded the answer 0x%02x to the prime frame", transport_name(t),
-                                  answer->cmd);
+                        log_debug("%s: discarded the answer 0x%02x to %s", transport_name(t), answer->cmd, what);
                         break;
                 }
         }
 
         r = transport_flush(t);
         return r == -ENODEV ? r : 0;
+}
+
+int katapult_prime(struct transport *t) {
+        uint8_t wire[KATAPULT_FRAME_OVERHEAD];
+        int wire_len;
+
+        if (!t)
+                return -EINVAL;
+        wire_len = katapult_frame_build(wire, sizeof(wire), KATAPULT_CMD_PRIME, NULL, 0);
+        if (wire_len < 0)
+                return wire_len;
+        return katapult_send_and_discard(t, wire, (size_t) wire_len, KATAPULT_PRIME_TIMEOUT_MS, "the prime frame");
+}
+
+int katapult_resync(struct transport *t) {
+        _cleanup_free_ uint8_t *filler = NULL;
+
+        if (!t)
+                return -EINVAL;
+        /* Zeros: never a frame start, and enough of them to complete the
+         * longest frame Katapult could be waiting for. */
+        filler = calloc(1, KATAPULT_FRAME_MAX);
+        if (!filler)
+                return -ENOMEM;
+        log_debug("%s: Katapult does not answer; sending %d filler bytes to end a half-received frame",
+                  transport_name(t), KATAPULT_FRAME_MAX);
+        return katapult_send_and_discard(t, filler, KATAPULT_FRAME_MAX, KATAPULT_PRIME_TIMEOUT_MS, "the filler");
 }

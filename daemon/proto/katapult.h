@@ -159,3 +159,11 @@ int katapult_request_block(struct transport *t, uint32_t address, void *buf, uin
  * KATAPULT_PRIME_TIMEOUT_MS for it (none arriving is fine).  0, -ENODEV or
  * another transport error. */
 int katapult_prime(struct transport *t);
+
+/* After a session broke off in the middle of a frame (the link dropped
+ * bytes, the host gave up), Katapult may still be collecting that frame and
+ * swallow the next commands.  Send KATAPULT_FRAME_MAX zero bytes — enough
+ * to complete any frame, which then fails its CRC, after which Katapult
+ * looks for the next frame start — and discard the NACK.  0, -ENODEV or
+ * another transport error. */
+int katapult_resync(struct transport *t);

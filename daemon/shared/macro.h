@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #define _cleanup_(f) __attribute__((cleanup(f)))
@@ -64,6 +65,13 @@ static inline bool streq_ptr(const char *a, const char *b) {
         if (!a || !b)
                 return a == b;
         return strcmp(a, b) == 0;
+}
+
+/* Case-insensitive (hex UUIDs, names); NULL equals only NULL. */
+static inline bool strcaseeq_ptr(const char *a, const char *b) {
+        if (!a || !b)
+                return a == b;
+        return strcasecmp(a, b) == 0;
 }
 
 static inline const char *strempty(const char *s) {

@@ -123,7 +123,7 @@ def test_can_katapult_flash(can_hub, can_node, klipper_checkout, printer_cfg, da
     out = ctl("flash", "EBBCan", path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert wait_app(dbus_client, wait_for, "EBBCan", HOST)["VersionMatchesHost"] == "yes"
-    assert node.image()[:len(data)] == data if callable(getattr(node, "image", None)) else True
+    assert node.image()[:len(data)] == data
 
 
 @pytest.mark.parametrize("case,error", [
@@ -246,3 +246,67 @@ def test_uart_katapult_flash(testbed, klipper_checkout, printer_cfg, daemon, dbu
     assert out.returncode == 0, out.stderr
     assert wait_app(dbus_client, wait_for, "mcu", HOST)["VersionMatchesHost"] == "yes"
     assert katapult_bytes(uart, 0x08002000, len(data)) == data
+
+
+def test_katapult_wrong_offset_is_refused_by_its_answer_and_the_mcu_returns(testbed, klipper_checkout,
+                                                                            printer_cfg, daemon, dbus_client,
+                                                                            wait_for, ctl, tmp_path):
+    """Where Katapult puts applications is only known once it answers: the
+    job enters it, refuses the image (nothing written) and starts Klipper
+    again; from then on the daemon knows and refuses at once."""
+    klipper_checkout(HOST)
+    board = testbed.add_klipper_usb(serial=OCTOPUS, version=OLD, mcu="stm32f446xx", bootloader="katapult",
+                                    katapult_kwargs={"app_start": 0x08008000})
+    printer_cfg("[mcu]\nserial: %s\n" % board.by_id)
+    daemon()
+    wait_app(dbus_client, wait_for, "mcu")
+    # Built for "no bootloader": it would overwrite Katapult.
+    path, _ = write_image(tmp_path, "klipper.bin", "stm32f446xx", HOST, 0x08000000)
+    out = ctl("flash", "mcu", path, timeout=120)
+    assert out.returncode == 1
+    assert "overwrite the bootloader" in out.stderr and "nothing was written" in out.stderr, out.stderr
+    assert board.flash == {}
+    p = wait_app(dbus_client, wait_for, "mcu", OLD)
+    assert board.history == ["klipper", "katapult", "klipper"]
+    assert p["FlashStart"] == 0x08008000
+
+    # Known now: refused before the MCU is touched.
+    with open(path, "rb") as f:
+        with pytest.raises(dbus.exceptions.DBusException) as e:
+            dbus_client.call(dbus_client.get_mcu("mcu"), "io.mcuflash1.Mcu", "Flash",
+                             dbus.types.UnixFd(f.fileno()), dbus.Dictionary({}, signature="sv"))
+    assert e.value.get_dbus_name() == "io.mcuflash1.Error.ImageMismatch"
+    assert board.history == ["klipper", "katapult", "klipper"]
+
+
+@pytest.mark.parametrize("case", ["wrong-chip", "wrong-offset", "truncated"])
+def test_picoboot_bad_images_are_refused_before_anything_is_sent(testbed, klipper_checkout, printer_cfg, daemon,
+                                                                 dbus_client, wait_for, ctl, tmp_path, case):
+    klipper_checkout(HOST)
+    board = testbed.add_klipper_usb(serial=OCTOPUS, version=OLD, mcu="rp2040", bootloader="picoboot")
+    printer_cfg("[mcu]\nserial: %s\n" % board.by_id)
+    daemon()
+    wait_app(dbus_client, wait_for, "mcu")
+    data = {
+        "wrong-chip": mkimage.build("stm32f446xx", HOST, 0x08000000, fmt="uf2"),
+        # A Katapult build (application at 0x10004000) for a board without it.
+        "wrong-offset": mkimage.build("rp2040", HOST, 0x10004000, fmt="uf2"),
+        "truncated": mkimage.build("rp2040", HOST, 0x10000000, fmt="uf2")[:-700],
+    }[case]
+    path = tmp_path / "klipper.uf2"
+    path.write_bytes(data)
+    out = ctl("flash", "mcu", str(path), timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    if case == "wrong-offset":
+        # Whether a bootloader sits below the application is only known
+        # once the boot ROM answers: the job looks, writes nothing and
+        # starts Klipper again; the next try is refused at once.
+        assert "nothing was written, and the MCU runs its application again" in out.stderr, out.stderr
+        assert board.history == ["klipper", "picoboot", "klipper"]
+        assert wait_app(dbus_client, wait_for, "mcu", OLD)["FlashStart"] == 0x10000000
+        out = ctl("flash", "mcu", str(path))
+        assert out.returncode == 1 and "0x10004000" in out.stderr, out.stderr
+        assert board.history == ["klipper", "picoboot", "klipper"]
+        return
+    # Nothing was sent: the board never left Klipper.
+    assert board.history == ["klipper"] and not board.sim.bootloader_requested

@@ -441,6 +441,7 @@ struct fake {
         struct fake_received received[FAKE_MAX_RECEIVED];
         size_t n_received;
         unsigned n_flush, n_empty_reads;
+        unsigned n_fillers;             /* katapult_resync() fillers seen */
         int last_read_timeout;
 };
 
@@ -536,7 +537,18 @@ static int fake_write(struct transport *t, const void *buf, size_t len, int time
         if (f->gone)
                 return -ENODEV;
 
-        /* The host writes exactly one well-formed frame per call. */
+        /* katapult_resync(): zeros completing a half-received frame,
+         * which fails its CRC: Katapult answers NACK. */
+        if (p[0] == 0x00) {
+                assert_int_equal(len, KATAPULT_FRAME_MAX);
+                for (size_t i = 0; i < len; i++)
+                        assert_int_equal(p[i], 0);
+                f->n_fillers++;
+                fake_queue_frame(f, KATAPULT_RESP_NACK, NULL, 0);
+                return 0;
+        }
+
+        /* Otherwise the host writes exactly one well-formed frame per call. */
         assert_true(len >= KATAPULT_FRAME_OVERHEAD);
         assert_int_equal(p[0], 0x01);
         assert_int_equal(p[1], 0x88);
@@ -1106,6 +1118,22 @@ static void test_prime(void **state) {
         assert_int_equal(katapult_prime(&f->transport), -ENODEV);
 }
 
+static void test_resync(void **state) {
+        struct fake *f = *state;
+        struct katapult_info info;
+
+        /* The NACK to the filler is thrown away; CONNECT works afterwards. */
+        assert_int_equal(katapult_resync(&f->transport), 0);
+        assert_int_equal(f->n_fillers, 1);
+        assert_int_equal(f->n_received, 0);
+        assert_int_equal(katapult_connect(&f->transport, T_MS, &info), 0);
+        assert_int_equal(info.block_size, 64);
+
+        f->gone = true;
+        assert_int_equal(katapult_resync(&f->transport), -ENODEV);
+        assert_int_equal(katapult_resync(NULL), -EINVAL);
+}
+
 /* ---- over a real pty ---- */
 
 struct pty_katapult {
@@ -1368,6 +1396,7 @@ int main(void) {
                 fake_test(test_request_block),
                 fake_test(test_flash_roundtrip),
                 fake_test(test_prime),
+                fake_test(test_resync),
                 cmocka_unit_test(test_connect_over_pty),
                 cmocka_unit_test(test_usb_touch),
                 cmocka_unit_test(test_usb_touch_held_port),
