@@ -82,6 +82,19 @@ def wait_version(dbus_client, wait_for, version):
                              else None)(props(dbus_client)), timeout=20, what="rpi running %s" % version)
 
 
+def linux_image(tmp_path, version=HOST):
+    image = tmp_path / "klipper.elf"
+    image.write_bytes(mkimage.build("linux", version, 0, fmt="elf"))
+    return image
+
+
+def failed_flash(ctl, image):
+    """mcuflashctl flash rpi IMAGE, which must fail: what it said."""
+    out = ctl("flash", "rpi", str(image), timeout=120)
+    assert out.returncode != 0
+    return out.stdout + out.stderr
+
+
 def start(klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, h, extra=""):
     klipper_checkout(HOST)
     printer_cfg("[mcu rpi]\nserial: %s\n" % h.link)
@@ -94,9 +107,8 @@ def test_linux_flash_installs_restarts_and_answers(klipper_checkout, printer_cfg
     h = host()
     p = start(klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, h)
     assert p["Bootloader"] == "linux" and p["VersionMatchesHost"] == "no"
-    image = tmp_path / "klipper.elf"
-    new = mkimage.build("linux", HOST, 0, fmt="elf")
-    image.write_bytes(new)
+    image = linux_image(tmp_path)
+    new = image.read_bytes()
 
     out = ctl("flash", "rpi", str(image), "--json", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -129,12 +141,8 @@ def test_linux_flash_rolls_back_when_the_new_program_does_not_answer(klipper_che
     h = host(broken={HOST})
     start(klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, h,
           extra="\n[Jobs]\nBootloaderTimeoutSec=3\n")
-    image = tmp_path / "klipper.elf"
-    image.write_bytes(mkimage.build("linux", HOST, 0, fmt="elf"))
-
-    out = ctl("flash", "rpi", str(image), timeout=120)
-    assert out.returncode != 0
-    message = out.stdout + out.stderr
+    image = linux_image(tmp_path)
+    message = failed_flash(ctl, image)
     assert "did not answer" in message or "does not answer" in message, message
     assert "put back" in message and "answers again (version %s)" % OLD in message, message
     # The old program is back, runs and answers; the service went round twice.
@@ -192,12 +200,7 @@ def test_linux_flash_without_the_service_installs_nothing(klipper_checkout, prin
     h = host()
     h.config = "\n[Mcu %s]\nProgram=%s\nService=klipper-host.service\n" % (MCU_ID, h.program)
     start(klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, h)
-    image = tmp_path / "klipper.elf"
-    image.write_bytes(mkimage.build("linux", HOST, 0, fmt="elf"))
-
-    out = ctl("flash", "rpi", str(image), timeout=60)
-    assert out.returncode != 0
-    message = out.stdout + out.stderr
+    message = failed_flash(ctl, linux_image(tmp_path))
     assert "klipper-host.service" in message and "nothing was installed" in message, message
     assert "Service=" in message
     assert h.installed() == h.old_bytes
