@@ -1,10 +1,10 @@
 """The flashers of daemon/flash/ (Katapult, STM32 DfuSe, RP2040 PICOBOOT)
-against the simulators: a small C driver, compiled here with gcc from
-daemon/flash/*.c and the protocol, transport and shared files they use,
-runs one flasher per call and prints its progress and result.  Katapult
-runs on a plain pty (KatapultSerial); DFU and PICOBOOT run inside the
-umockdev testbed against Stm32DfuSim and Rp2040BootSim, as
-test_usb_boot.py does.
+against the simulators: a small C driver (tests/tools/flash_driver.py),
+compiled here with sanitizers from daemon/flash/*.c and the protocol,
+transport and shared files they use, runs one flasher per call and prints
+its progress and result.  Katapult runs on a plain pty (KatapultSerial);
+DFU and PICOBOOT run inside the umockdev testbed against Stm32DfuSim and
+Rp2040BootSim, as test_usb_boot.py does.
 
 Checked: the image lands byte-exact in the simulated flash (last block or
 page padded with 0xFF), the bootloader region is never touched, images
@@ -27,23 +27,12 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "tests", "sim"))
+sys.path.insert(0, os.path.join(REPO, "tests", "tools"))
 
+import flash_driver  # noqa: E402
 import harness  # noqa: E402
 import katapult_serial  # noqa: E402
 import usb_boot  # noqa: E402
-
-SOURCES = ["daemon/flash/flasher.c", "daemon/flash/katapult.c", "daemon/flash/dfu.c",
-           "daemon/flash/picoboot.c", "daemon/flash/linux.c", "daemon/proto/katapult.c", "daemon/proto/klipper.c",
-           "daemon/proto/dfu.c", "daemon/proto/picoboot.c",
-           "daemon/transport/serial.c", "daemon/transport/can.c", "daemon/transport/usb.c",
-           "daemon/transport/holders.c", "daemon/transport/fdwait.c"]
-# Helpers the protocol files may have split out (linked when present).
-OPTIONAL_SOURCES = ["daemon/proto/stream.c"]
-CFLAGS = ["-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Wshadow", "-Wmissing-prototypes",
-          "-Wstrict-prototypes", "-Werror", "-D_GNU_SOURCE",
-          "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-# umockdev's preload comes before the ASan runtime.
-ASAN_OPTIONS = "verify_asan_link_order=0:detect_leaks=1"
 
 # Bus 3 is not used by the harness's boards (bus 1).
 DFU_PORT, DFU_BUS, DFU_DEV = "3-2", 3, 7
@@ -53,147 +42,13 @@ APP = 0x08008000                # behind a 32 KiB bootloader, as Klipper builds 
 RP2040_FLASH = 0x10000000
 RP2040_APP = 0x10004000         # behind a 16 KiB Katapult
 
-DRIVER = r"""
-/* Runs one flasher of daemon/flash/ against a simulated bootloader and
- * prints its progress and result:
- *   driver BOOTLOADER LINK IMAGE START APP_START [mcu=NAME] [cancel-after=N]
- * LINK is serial:PATH, usb:BUS:DEV, can:IFACE:NODEID or file:PATH (where
- * the Linux process MCU's program goes).  Output lines:
- *   PROGRESS <phase> <done> <total>
- *   RESULT <errno or 0> <message>
- * cancel-after=N sets the cancel flag after the Nth progress report of the
- * writing phase. */
-#include <errno.h>
-#include <stdatomic.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "flash/flasher.h"
-#include "shared/log.h"
-
-struct driver {
-        atomic_bool cancel;
-        unsigned cancel_after;
-        unsigned writing_reports;
-};
-
-static void on_progress(void *userdata, enum flash_phase phase, uint64_t done, uint64_t total) {
-        struct driver *d = userdata;
-
-        printf("PROGRESS %s %llu %llu\n", flash_phase_to_string(phase), (unsigned long long) done,
-               (unsigned long long) total);
-        fflush(stdout);
-        if (phase == FLASH_PHASE_WRITING && ++d->writing_reports == d->cancel_after)
-                atomic_store(&d->cancel, true);
-}
-
-static uint8_t *read_image(const char *path, size_t *ret_size) {
-        _cleanup_fclose_ FILE *f = fopen(path, "re");
-        uint8_t *buf = NULL;
-        size_t size = 0, n;
-        uint8_t chunk[4096];
-
-        if (!f)
-                return NULL;
-        while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
-                uint8_t *p = realloc(buf, size + n);
-
-                if (!p) {
-                        free(buf);
-                        return NULL;
-                }
-                buf = p;
-                memcpy(buf + size, chunk, n);
-                size += n;
-        }
-        *ret_size = size;
-        return buf;
-}
-
-int main(int argc, char **argv) {
-        struct driver d = { .cancel = false };
-        struct flash_session s = {};
-        const struct flasher *f;
-        _cleanup_free_ uint8_t *image = NULL;
-        char link_arg[256], *p;
-        size_t size = 0;
-        int r;
-
-        if (argc < 6)
-                return 1;
-        log_set_max_level(LOG_DEBUG);
-        f = flasher_find(argv[1]);
-        if (!f) {
-                printf("RESULT %d no flasher for %s\n", ENOENT, argv[1]);
-                return 0;
-        }
-
-        snprintf(link_arg, sizeof(link_arg), "%s", argv[2]);
-        if (startswith(link_arg, "serial:")) {
-                s.link = FLASH_LINK_SERIAL;
-                s.device_path = argv[2] + strlen("serial:");
-        } else if (startswith(link_arg, "usb:")) {
-                s.link = FLASH_LINK_USB;
-                if (sscanf(link_arg + 4, "%u:%u", &s.usb_busnum, &s.usb_devnum) != 2)
-                        return 1;
-        } else if (startswith(link_arg, "can:")) {
-                s.link = FLASH_LINK_CAN;
-                p = strchr(link_arg + 4, ':');
-                if (!p)
-                        return 1;
-                *p = '\0';
-                s.can_interface = link_arg + 4;
-                s.can_nodeid = (unsigned) strtoul(p + 1, NULL, 0);
-        } else if (startswith(link_arg, "file:")) {
-                s.link = FLASH_LINK_FILE;
-                s.install_path = argv[2] + strlen("file:");
-        } else
-                return 1;
-
-        image = read_image(argv[3], &size);
-        if (!image)
-                return 1;
-        s.data = image;
-        s.size = size;
-        s.start = strtoull(argv[4], NULL, 0);
-        s.app_start = strtoull(argv[5], NULL, 0);
-        for (int i = 6; i < argc; i++) {
-                if (startswith(argv[i], "mcu="))
-                        s.mcu_type = argv[i] + 4;
-                else if (startswith(argv[i], "cancel-after="))
-                        d.cancel_after = (unsigned) strtoul(argv[i] + 13, NULL, 0);
-                else
-                        return 1;
-        }
-        s.progress = on_progress;
-        s.userdata = &d;
-        s.cancel = &d.cancel;
-
-        r = f->write(&s);
-        printf("RESULT %d %s\n", -r, s.message);
-        return 0;
-}
-"""
-
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flash-driver")
-    src = out / "flash-driver.c"
-    src.write_text(DRIVER)
-    exe = str(out / "flash-driver")
-    cflags = subprocess.run(["pkg-config", "--cflags", "libusb-1.0"], capture_output=True,
-                            text=True, check=True).stdout.split()
-    shared = sorted(os.path.join("daemon/shared", f)
-                    for f in os.listdir(os.path.join(REPO, "daemon/shared")) if f.endswith(".c"))
-    cmd = ["gcc"] + CFLAGS + ["-I", os.path.join(REPO, "daemon")] + cflags + [str(src)] + \
-        [os.path.join(REPO, s) for s in SOURCES + shared] + \
-        [os.path.join(REPO, s) for s in OPTIONAL_SOURCES if os.path.exists(os.path.join(REPO, s))] + \
-        ["-lusb-1.0", "-lz", "-ljson-c", "-o", exe]
-    build = subprocess.run(cmd, capture_output=True, text=True, env=harness.clean_env())
-    assert build.returncode == 0, "driver build failed:\n" + build.stderr
-    return exe
+    try:
+        return flash_driver.build(tmp_path_factory.mktemp("flash-driver"), env=harness.clean_env())
+    except flash_driver.BuildError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 class Result:
@@ -202,18 +57,9 @@ class Result:
 
     def __init__(self, proc, sims):
         self.stdout, self.stderr = proc.stdout, proc.stderr
-        self.progress = []
-        self.errno = None
-        self.message = ""
+        out = flash_driver.Output(proc.stdout)
+        self.progress, self.errno, self.message = out.progress, out.errno, out.message
         self._sims = sims
-        for line in proc.stdout.splitlines():
-            kind, _, rest = line.partition(" ")
-            if kind == "PROGRESS":
-                phase, done, total = rest.split()
-                self.progress.append((phase, int(done), int(total)))
-            elif kind == "RESULT":
-                code, _, self.message = rest.partition(" ")
-                self.errno = int(code)
         assert proc.returncode == 0 and self.errno is not None, self.context()
         assert "Sanitizer" not in proc.stderr and "runtime error" not in proc.stderr, \
             self.context()
@@ -247,8 +93,9 @@ def run_driver(driver, tmp_path, bootloader, link, image, start, app_start, *opt
                sims=(), timeout=60):
     path = tmp_path / ("image-%d.bin" % len(list(tmp_path.glob("image-*.bin"))))
     path.write_bytes(image)
-    proc = subprocess.run([driver, bootloader, link, str(path), "%#x" % start, "%#x" % app_start]
-                          + list(options), env=env or harness.clean_env(ASAN_OPTIONS=ASAN_OPTIONS),
+    proc = subprocess.run(flash_driver.command(driver, bootloader, link, path, start, app_start,
+                                               *options),
+                          env=env or harness.clean_env(ASAN_OPTIONS=flash_driver.ASAN_OPTIONS),
                           capture_output=True, text=True, timeout=timeout)
     return Result(proc, sims)
 
@@ -257,31 +104,13 @@ def run_driver(driver, tmp_path, bootloader, link, image, start, app_start, *opt
 # Katapult on a serial line
 
 
-class KatapultPty:
-    """A KatapultSerial on the master of a fresh pty; .path is the slave."""
-
-    def __init__(self, flash=None, **kwargs):
-        self.master, slave = os.openpty()
-        self.path = os.ttyname(slave)
-        os.close(slave)
-        kwargs.setdefault("app_start", APP)
-        self.sim = katapult_serial.KatapultSerial(self.master, kwargs.pop("mcu", "stm32f446xx"),
-                                                  flash=flash, **kwargs).start()
-
-    def stop(self):
-        self.sim.stop()
-        try:
-            os.close(self.master)
-        except OSError:
-            pass
-
-
 @pytest.fixture
 def katapult():
     made = []
 
     def make(**kwargs):
-        k = KatapultPty(**kwargs)
+        kwargs.setdefault("app_start", APP)
+        k = katapult_serial.KatapultPty(**kwargs)
         made.append(k)
         return k
     yield make
@@ -372,7 +201,7 @@ def usb(testbed, driver, tmp_path):
             sim.unplug(testbed.tb)
 
         def flash(self, bootloader, bus, dev, image, start, app_start, *options):
-            env = harness.clean_env(ASAN_OPTIONS=ASAN_OPTIONS, **testbed.env())
+            env = harness.clean_env(ASAN_OPTIONS=flash_driver.ASAN_OPTIONS, **testbed.env())
             return run_driver(driver, tmp_path, bootloader, "usb:%d:%d" % (bus, dev), image, start,
                               app_start, *options, env=env, sims=self.sims)
 

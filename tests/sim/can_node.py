@@ -43,7 +43,11 @@ data stream with random bytes; the admin channel stays correct),
 "disconnect[:N]" (after answering the Nth frame addressed to it, default
 1, it answers nothing any more).  Nodes do not model CAN-FD, bus timing,
 receive-buffer overruns or the USB side of a USB-CAN bridge (use
-on_mode_change to remove/add the hub interface for that).
+on_mode_change to remove/add the hub interface for that).  bitrate= (off
+by default) gives a node a rate-limited bus (linkmodel.py, for
+scripts/bench): every frame it receives or sends costs a classic CAN
+frame's bits at that rate, the node handles and sends frames no sooner
+than the bus allows, and .link.link_seconds adds it up.
 
 Reference host helpers for tests (query_unassigned, set_klipper_nodeid,
 request_bootloader, host_identify, katapult_command, katapult_connect, ...)
@@ -72,6 +76,7 @@ import katapult_core  # noqa: E402
 import klipper_dict  # noqa: E402
 import klipper_proto  # noqa: E402
 from klipper_proto import build_block  # noqa: E402
+from linkmodel import LinkModel, can_frame_seconds  # noqa: E402
 from simthread import ThreadedSim, parse_fault  # noqa: E402
 
 DEFAULT_VERSION = "v0.13.0-46-g8c72b4a5"
@@ -186,7 +191,7 @@ class CanNode(ThreadedSim):
                  katapult_version=DEFAULT_KATAPULT_VERSION, proto_version=KATAPULT_PROTO_VERSION,
                  app_start=0x08002000, block_size=64, page_size=2048, reboot_delay=0.1,
                  assigned_by_klipper=None, fault=None, dictionary=None, seed=None, log=None,
-                 on_mode_change=None, name=None):
+                 on_mode_change=None, name=None, bitrate=None):
         super().__init__()
         self.hub_path = hub_path
         self.iface = iface
@@ -206,6 +211,8 @@ class CanNode(ThreadedSim):
         self.name = name or "%s-%s" % (mode, self.uuid.hex())
         self.random = random.Random(seed)
         self.fault, self.fault_arg = parse_fault(fault, FAULTS)
+        self.bitrate = bitrate
+        self.link = LinkModel() if bitrate else None
 
         # The Klipper application this node runs (None: no application).
         self.app_dictionary = None
@@ -367,11 +374,26 @@ class CanNode(ThreadedSim):
             frame = canhub.unpack_frame(datagram)
             if frame is None:
                 continue                # hub notices are for host sockets
+            self._pace(frame.data)
             with self.lock:
                 out = self._on_frame(frame)
                 self.lock.notify_all()
-            for can_id, data in out:
+            ends = [self._pace(data) for _, data in out]
+            for n, ((can_id, data), end) in enumerate(zip(out, ends)):
+                if end is not None:
+                    self.link.wait_until(end, spin=n == len(out) - 1)
                 self._send(can_id, data)
+
+    def _pace(self, data):
+        """The bus carries a frame with @data: returns when it has (None
+        without a link model).  Nobody waits here: the node works on a
+        frame while it arrives, and sends each frame of an answer once the
+        bus has carried it (_run), so that the answer trickles out as on
+        a real bus and the hub forwards one frame while the next is on
+        the bus."""
+        if self.link is not None:
+            return self.link.occupy(can_frame_seconds(len(data), self.bitrate), wait=False)
+        return None
 
     def _send(self, can_id, data):
         try:
@@ -580,6 +602,8 @@ class KlipperCanNode(CanNode):
                          the Katapult it reboots into on REQUEST_BOOTLOADER
     reboot_delay         seconds of silence while rebooting
     fault                see FAULTS
+    bitrate              bus rate of the link model (None: no rate limit);
+                         .link is its LinkModel (None without)
     on_mode_change       callable(node, mode) after each boot (runs in the
                          node's thread with its lock held: keep it short)
     """
@@ -597,7 +621,7 @@ class KatapultCanNode(CanNode):
                  COMPLETE when nothing was flashed (None: no valid
                  application, so it stays in Katapult)
     katapult_version, proto_version, app_start, block_size, page_size, mcu,
-    reboot_delay, fault, on_mode_change as for KlipperCanNode.
+    reboot_delay, fault, on_mode_change, bitrate as for KlipperCanNode.
     """
 
     def __init__(self, hub_path, iface, uuid, mcu=DEFAULT_MCU, app_version=None, **kwargs):

@@ -23,6 +23,12 @@ requests, naks_sent, responses_sent, pages_written, completed, left
 and record, never answer), "garbage" (answer every valid frame with random
 bytes), "disconnect[:N]" (hang up the pty after answering the Nth frame).
 
+baud= (off by default) puts the pty behind a rate-limited line
+(linkmodel.py, for scripts/bench): every byte in either direction costs
+10/baud s, the simulator answers no sooner than the line allows, and
+.link.link_seconds adds it up.
+
+KatapultPty is a KatapultSerial on a fresh pty of its own.
 host_command()/host_connect() are a small reference host (flashtool's
 command exchange: one frame out, first valid response back) for tests.
 
@@ -48,6 +54,7 @@ import tty
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import katapult_core  # noqa: E402
+from linkmodel import LinkModel, serial_seconds  # noqa: E402
 from ptysim import PtySim  # noqa: E402
 from simthread import parse_fault  # noqa: E402
 
@@ -69,13 +76,15 @@ class KatapultSerial(PtySim):
     on_complete     callable(sim, mode, dictionary), see the module docstring
     complete_delay  seconds from COMPLETE to the "reset"
     own_fd          close @fd on stop() (the standalone CLI owns its pty)
+    baud            line rate of the link model (None: no rate limit); .link
+                    is its LinkModel (None without)
     """
 
     def __init__(self, fd, mcu, app_start=0x08002000, block_size=64, page_size=2048,
                  katapult_version=katapult_core.DEFAULT_KATAPULT_VERSION,
                  proto_version=katapult_core.PROTO_VERSION, flash=None, app_dictionary=None,
                  on_complete=None, complete_delay=katapult_core.COMPLETE_DELAY, fault=None,
-                 own_fd=False, seed=None, log=None):
+                 own_fd=False, seed=None, log=None, baud=None):
         super().__init__()
         self.fd = fd
         self.mcu = mcu
@@ -87,6 +96,8 @@ class KatapultSerial(PtySim):
         self.own_fd = own_fd
         self.log = log
         self.fault, self.fault_arg = parse_fault(fault, FAULTS)
+        self.baud = baud
+        self.link = LinkModel() if baud else None
 
         self.rx_bytes = 0
         self.tx_bytes = 0
@@ -169,8 +180,16 @@ class KatapultSerial(PtySim):
         if self.on_complete:
             self.on_complete(self, mode, dictionary)
 
+    def _pace(self, nbytes, wait):
+        """The line carries @nbytes (lock held); with @wait, return when it
+        has.  Input is handled while it still "arrives": the simulator's
+        own time hides in the line's."""
+        if self.link is not None:
+            self.link.occupy(serial_seconds(nbytes, self.baud), wait=wait, lock=self.lock)
+
     def _handle_input(self, data):
         with self.lock:
+            self._pace(len(data), False)
             self.rx_bytes += len(data)
             self._debug("rx %s", data.hex(" "))
             if self.completed or self.fault == "silent":
@@ -180,10 +199,30 @@ class KatapultSerial(PtySim):
             before = self.requests
             out = self.core.feed(data)
             if out:
+                self._pace(len(out), True)
                 self._write(out)
             if self.fault == "disconnect" and before < (self.fault_arg or 1) <= self.requests:
                 self._disconnect()
             self.lock.notify_all()
+
+
+class KatapultPty:
+    """A started KatapultSerial (.sim) on the master of a fresh pty whose
+    slave, .path, a host opens (test_flashers.py, scripts/bench).  Other
+    keyword arguments go to KatapultSerial."""
+
+    def __init__(self, mcu="stm32f446xx", **kwargs):
+        self.master, slave = os.openpty()
+        self.path = os.ttyname(slave)
+        os.close(slave)
+        self.sim = KatapultSerial(self.master, mcu, **kwargs).start()
+
+    def stop(self):
+        self.sim.stop()
+        try:
+            os.close(self.master)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------

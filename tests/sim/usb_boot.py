@@ -35,10 +35,17 @@ PHASE for DFU: erase, write, setaddress, getstatus (the first GETSTATUS of
 an operation), leave (the GETSTATUS after the leave request); for
 PICOBOOT: exclusive, exitxip, erase, write, read, reboot.
 
+Timing is off by default: the DFU poll timeout is reported and checked,
+never waited for.  link_rate= (bytes/s, for scripts/bench) puts the device
+behind a rate-limited link (linkmodel.py): the data of every transfer
+(control data stages and bulk) costs its bytes at that rate and is
+completed no sooner than the link allows; a DFU device's bwPollTimeout
+after a download counts as busy time the host has to wait for; .link
+adds it up in link_seconds.
+
 What this is not: no isochronous or interrupt transfers, no emulation of the
 RP2040's mass-storage interface (its descriptor is present, requests to it
-stall), no real timing (the DFU poll timeout is reported and checked, never
-waited for), x86-64 struct layouts only.
+stall), no USB frame or packet overhead, x86-64 struct layouts only.
 """
 
 import errno
@@ -52,6 +59,8 @@ import gi
 
 gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
+
+from linkmodel import LinkModel  # noqa: E402
 
 # usbfs ioctls (x86-64, checked against linux/usbdevice_fs.h)
 USBDEVFS_CONTROL = 0xc0185500
@@ -113,6 +122,7 @@ class _Urb:
         self.status = 0
         self.reply = b""            # IN data
         self.actual = 0
+        self.submitted = time.monotonic()
 
 
 class _ClientState:
@@ -146,7 +156,7 @@ class UsbDeviceSim:
     product = ""
     kind = "usb"
 
-    def __init__(self, serial, on_disconnect=None, fault=None, log=None):
+    def __init__(self, serial, on_disconnect=None, fault=None, log=None, link_rate=None):
         self.serial = serial
         self.on_disconnect = on_disconnect
         self.lock = threading.Condition(threading.RLock())
@@ -165,6 +175,9 @@ class UsbDeviceSim:
         self.fault = None
         self.fault_hits = []
         self.set_fault(fault)
+        self.link_rate = link_rate
+        self.link = LinkModel() if link_rate else None
+        self._busy_after = 0.0       # seconds the device is busy after the transfer at hand
         self._clients = {}
         self._handling = threading.local()  # .after: callbacks of the ioctl this thread handles
         self._handler = None
@@ -511,6 +524,17 @@ class UsbDeviceSim:
         for client in [c for c in self._clients if not c.get_connected()]:
             self._client_vanished(client)
 
+    def _pace(self, nbytes, since=None):
+        """The link carries a transfer with @nbytes of data that the host
+        started at @since (lock held): return when it has; then the device
+        may stay busy (busy_after)."""
+        if self.link is None:
+            return
+        self.link.occupy(nbytes / self.link_rate, lock=self.lock, since=since)
+        if self._busy_after:
+            self.link.occupy(self._busy_after, wait=False)
+            self._busy_after = 0.0
+
     def _complete(self, urb):
         """Hand @urb to its client's reap queue (or its blocked REAPURB)."""
         state = self._state(urb.client)
@@ -521,6 +545,7 @@ class UsbDeviceSim:
                 urb.actual = len(urb.reply)
             else:
                 urb.actual = len(urb.payload)
+            self._pace(urb.actual, urb.submitted)
         if state.waiting_reaper is not None:
             reaper, state.waiting_reaper = state.waiting_reaper, None
             self._deliver(reaper, urb)
@@ -811,8 +836,10 @@ class UsbDeviceSim:
         if rtype & 0x80:
             if reply and buf is not None:
                 buf.update(0, reply[:length])
+            self._pace(len(reply[:length]))
             client.complete(len(reply[:length]), 0)
         else:
+            self._pace(len(payload))
             client.complete(len(payload), 0)
         return True
 
@@ -836,6 +863,7 @@ class UsbDeviceSim:
                 reply = queue.pop(0)
             if reply and buf is not None:
                 buf.update(0, reply)
+            self._pace(len(reply))
             client.complete(len(reply), 0)
             return True
         payload = bytes(buf.retrieve()) if buf is not None else b""
@@ -848,6 +876,7 @@ class UsbDeviceSim:
             client.complete(-1, errno.ENODEV)
             self.disconnect(e.phase)
             return True
+        self._pace(len(payload))
         client.complete(len(payload), 0)
         self._service_in()
         return True
@@ -931,13 +960,16 @@ class Stm32DfuSim(UsbDeviceSim):
     bootloader_size  bytes at flash_base that hold a bootloader the host
                      must never erase or write (0: none); a violation is
                      recorded and refused with errTARGET
-    poll_timeout_ms  bwPollTimeout reported while busy (erase: 4x that)
+    poll_timeout_ms  bwPollTimeout reported while busy (erase: 4x that); with
+                     link_rate it counts as link time (the host must wait)
     on_leave         on_leave(address) when the host leaves DFU mode
     on_disconnect    on_disconnect(phase) when the device vanishes
     fault            see the module docstring
     extra_alts       layout strings of the alt settings after alt 0
     transfer_size    wTransferSize of the functional descriptor
     log              function that gets every event as a text line
+    link_rate        bytes/s of the link model (None: no rate limit), see
+                     the module docstring; .link is its LinkModel
 
     Recorded: flash (bytearray, 0xFF = erased), state, status,
     address_pointer, requests [(name, wValue, length)], erased (sector start
@@ -955,8 +987,10 @@ class Stm32DfuSim(UsbDeviceSim):
 
     def __init__(self, serial="2E0036000851363131363530", flash_base=0x08000000, layout=F4_LAYOUT,
                  bootloader_size=0x8000, poll_timeout_ms=10, on_leave=None, on_disconnect=None,
-                 fault=None, extra_alts=F4_EXTRA_ALTS, transfer_size=2048, log=None):
-        super().__init__(serial, on_disconnect=on_disconnect, fault=fault, log=log)
+                 fault=None, extra_alts=F4_EXTRA_ALTS, transfer_size=2048, log=None,
+                 link_rate=None):
+        super().__init__(serial, on_disconnect=on_disconnect, fault=fault, log=log,
+                         link_rate=link_rate)
         self.layout = layout
         self.layout_name, self.segments = parse_dfuse_layout(layout)
         if self.segments[0][0] != flash_base:
@@ -1114,6 +1148,7 @@ class Stm32DfuSim(UsbDeviceSim):
             timeout = self.poll_timeout_ms * (4 if kind == "erase" else 1)
             self.state = DFU_DNBUSY
             self._busy_since = (now, timeout)
+            self._busy_after = timeout / 1000.0
             return self._status_reply(timeout)
         if self.state == DFU_DNBUSY:
             since, timeout = self._busy_since
@@ -1282,7 +1317,7 @@ class Rp2040BootSim(UsbDeviceSim):
     on_reboot      on_reboot(pc, sp, delay_ms) when a REBOOT takes effect
                    (delay_ms after the command was acked; the device is gone then)
     on_disconnect  on_disconnect(phase)
-    fault, log     see the module docstring / Stm32DfuSim
+    fault, log, link_rate   see the module docstring / Stm32DfuSim
 
     Recorded: flash, ram, commands [(name, token, args tuple)], exclusive
     (last EXCLUSIVE_ACCESS mode or None), xip_exited, erased [(addr, size)],
@@ -1304,8 +1339,9 @@ class Rp2040BootSim(UsbDeviceSim):
     EP_IN = 0x84
 
     def __init__(self, serial="E0C9125B0D9B", flash_size=2 * 1024 * 1024, on_reboot=None,
-                 on_disconnect=None, fault=None, log=None):
-        super().__init__(serial, on_disconnect=on_disconnect, fault=fault, log=log)
+                 on_disconnect=None, fault=None, log=None, link_rate=None):
+        super().__init__(serial, on_disconnect=on_disconnect, fault=fault, log=log,
+                         link_rate=link_rate)
         self.flash_size = flash_size
         self.flash = bytearray(b"\xff" * flash_size)
         self.ram = bytearray(SRAM_SIZE)
