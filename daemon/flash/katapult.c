@@ -119,8 +119,10 @@ static int katapult_write(struct flash_session *s) {
         }
 
         r = katapult_connect(t, KATAPULT_TIMEOUT_MS_DEFAULT, &info);
-        if (r == -ETIMEDOUT) {
-                /* A broken-off transfer may have left half a frame behind. */
+        if (r == -ETIMEDOUT || r == -EBADMSG) {
+                /* A broken-off transfer may have left half a frame behind:
+                 * Katapult then waits for its rest (timeouts) or, once our
+                 * CONNECTs complete it, NACKs the garbled whole. */
                 r = katapult_resync(t);
                 if (r >= 0)
                         r = katapult_connect(t, KATAPULT_TIMEOUT_MS_DEFAULT, &info);
