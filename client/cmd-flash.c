@@ -108,7 +108,6 @@ int verb_flash(int argc, char *argv[]) {
         if (r < 0)
                 return EXIT_FAILURE;
 
-
         const JobCall call = {
                 .object_path = mcu_path,
                 .interface = MCUFLASH_MCU_INTERFACE,
@@ -123,9 +122,15 @@ int verb_flash(int argc, char *argv[]) {
         if (!json) {
                 _cleanup_(mcu_info_donep) McuInfo mcu = {};
 
+                /* Every flash moves bytes; a job without any found the MCU
+                 * at the image's version already (only without --force). */
                 if (client_get_mcu_info(bus, mcu_path, &mcu) >= 0)
-                        printf("%s%s runs %s %s\n", isempty(mcu.name) ? "MCU " : "",
-                               isempty(mcu.name) ? mcu.id : mcu.name, mcu.firmware, mcu.firmware_version);
+                        printf("%s%s %s %s %s%s\n", isempty(mcu.name) ? "MCU " : "",
+                               isempty(mcu.name) ? mcu.id : mcu.name,
+                               job.bytes_total == 0 && !args.force ? "already runs" : "runs",
+                               mcu.firmware, mcu.firmware_version,
+                               job.bytes_total == 0 && !args.force ?
+                               "; not flashed (--force flashes it anyway)" : "");
         }
         return EXIT_SUCCESS;
 }

@@ -7,6 +7,7 @@
  * the daemon reads it once at start-up. */
 #include <ctype.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -315,6 +316,30 @@ static int add_mcu_setting(struct config *c, const char *id, const char *key, co
         return strv_extend(&c->mcu_settings, entry);
 }
 
+/* "524288", "0x80000", "512K", "512KiB", "1M", "1MiB": bytes, not 0. */
+static int parse_flash_size(const char *value, uint64_t *ret) {
+        unsigned long long v;
+        uint64_t unit = 1;
+        char *end;
+
+        if (!value || !isxdigit((unsigned char) value[0]))
+                return -EINVAL;
+        errno = 0;
+        v = strtoull(value, &end, 0);
+        if (errno || end == value)
+                return -EINVAL;
+        if (strcaseeq_ptr(end, "K") || strcaseeq_ptr(end, "KiB"))
+                unit = 1024;
+        else if (strcaseeq_ptr(end, "M") || strcaseeq_ptr(end, "MiB"))
+                unit = 1024 * 1024;
+        else if (*end)
+                return -EINVAL;
+        if (v == 0 || v > UINT32_MAX / unit + 1)
+                return -EINVAL;
+        *ret = (uint64_t) v * unit;
+        return 0;
+}
+
 static int assign_mcu_setting(struct config *c, const struct config_location *loc,
                               const char *id, const char *key, const char *value) {
         char decimal[32];
@@ -331,6 +356,17 @@ static int assign_mcu_setting(struct config *c, const struct config_location *lo
                         return -EINVAL;
                 }
                 (void) snprintf(decimal, sizeof(decimal), "%llu", v);
+                return add_mcu_setting(c, id, key, decimal);
+        }
+        if (streq(key, "FlashSize")) {
+                uint64_t bytes;
+
+                if (parse_flash_size(value, &bytes) < 0) {
+                        log_error("%s:%u: Invalid size for FlashSize=: '%s' (write it like 512K, 1M or "
+                                  "0x80000).", loc->path, loc->line, value);
+                        return -EINVAL;
+                }
+                (void) snprintf(decimal, sizeof(decimal), "%" PRIu64, bytes);
                 return add_mcu_setting(c, id, key, decimal);
         }
         if (streq(key, "Program")) {
@@ -366,6 +402,15 @@ const char *config_mcu_get(const struct config *c, const char *id, const char *k
 
 int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret) {
         const char *v = config_mcu_get(c, id, "FlashStart");
+
+        if (!v)
+                return -ENOENT;
+        *ret = strtoull(v, NULL, 10);
+        return 0;
+}
+
+int config_mcu_flash_size(const struct config *c, const char *id, uint64_t *ret) {
+        const char *v = config_mcu_get(c, id, "FlashSize");
 
         if (!v)
                 return -ENOENT;

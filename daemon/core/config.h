@@ -28,6 +28,7 @@ struct config {
 
         /* [Mcu ID] sections, read with config_mcu_get(): FlashStart= (where
          * the application starts, for bootloaders that cannot tell),
+         * FlashSize= (the chip's flash, where its type leaves it open),
          * Program= and Service= (a Linux process MCU's klipper_mcu and the
          * unit that runs it). */
         char **mcu_settings;
@@ -53,6 +54,9 @@ const char *config_mcu_get(const struct config *c, const char *id, const char *k
 
 /* FlashStart= of the [Mcu @id] section: 0 and *ret, or -ENOENT. */
 int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret);
+
+/* FlashSize= of the [Mcu @id] section in bytes: 0 and *ret, or -ENOENT. */
+int config_mcu_flash_size(const struct config *c, const char *id, uint64_t *ret);
 
 /* Parse "5", "1.5", "250ms", "2min", "1h" into microseconds: a decimal
  * number (seconds without a unit) optionally followed by one of us, usec,

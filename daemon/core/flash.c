@@ -18,6 +18,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "core/config.h"
 #include "core/daemon-internal.h"
 #include "core/flash.h"
 #include "core/flash-internal.h"
@@ -163,6 +164,22 @@ static void flash_refused_back(struct job *j) {
                    "application again.", f->refusal ?: "the image does not fit this MCU");
 }
 
+/* What an image is checked against: what the MCU says about itself, and
+ * the chip's flash size where mcuflashd.conf states it. */
+static struct image_target flash_target(struct daemon *d, const struct mcu *m) {
+        struct image_target t = {
+                .mcu_type = m->mcu_type,
+                .flash_start = m->flash_start,
+                .bootloader = m->bootloader,
+                .id = m->id,
+        };
+        uint64_t size;
+
+        if (config_mcu_flash_size(d->config, m->id, &size) >= 0)
+                t.flash_size = size;
+        return t;
+}
+
 /* In the bootloader: check against what it says, then write. */
 static void flash_in_bootloader(struct job *j) {
         struct flash *f = j->data;
@@ -184,12 +201,7 @@ static void flash_in_bootloader(struct job *j) {
                            "'mcuflashctl reboot' starts its application again.", m->bootloader);
                 return;
         }
-        target = (struct image_target) {
-                .mcu_type = m->mcu_type,
-                .flash_start = m->flash_start,
-                .bootloader = m->bootloader,
-                .id = m->id,
-        };
+        target = flash_target(j->daemon, m);
         r = image_check(f->image, &target, &start, &kind, &message);
         if (r < 0) {
                 enum mcuflash_error error = kind == IMAGE_CHECK_MISMATCH || kind == IMAGE_CHECK_TOO_BIG ?
@@ -306,12 +318,7 @@ int flash_check(struct daemon *d, struct mcu *m, struct image *img, bool stop_kl
                 enum mcuflash_error *ret_error,
                 char **ret_message) {
         _cleanup_free_ char *message = NULL;
-        struct image_target target = {
-                .mcu_type = m->mcu_type,
-                .flash_start = m->flash_start,
-                .bootloader = m->bootloader,
-                .id = m->id,
-        };
+        struct image_target target = flash_target(d, m);
         enum image_check_error kind;
         uint64_t start;
         int r;

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "image/check.h"
+#include "image/chips.h"
 
 #define MAX_CANDIDATES 12
 #define MAX_RAM_RANGES 2
@@ -189,9 +190,11 @@ static int refuse(enum image_check_error kind, enum image_check_error *ret_kind,
         return 0;
 }
 
-/* "32 KiB", "128.5 KiB", "512 bytes". */
+/* "2 MiB", "32 KiB", "128.5 KiB", "512 bytes". */
 static void format_size(uint64_t bytes, char *buf, size_t len) {
-        if (bytes >= 1024 && bytes % 1024 == 0)
+        if (bytes >= 1024 * 1024 && bytes % (1024 * 1024) == 0)
+                snprintf(buf, len, "%" PRIu64 " MiB", bytes / (1024 * 1024));
+        else if (bytes >= 1024 && bytes % 1024 == 0)
                 snprintf(buf, len, "%" PRIu64 " KiB", bytes / 1024);
         else if (bytes >= 1024)
                 snprintf(buf, len, "%.1f KiB", (double) bytes / 1024.0);
@@ -295,10 +298,38 @@ static int check_host_program(const struct image *img, const struct image_target
         return 0;
 }
 
+/* Does the image, from @start, fit the chip's flash?  Its size is as
+ * stated (FlashSize=), else that of the largest part of its type. */
+static int check_fits(const struct image *img, const struct image_target *t, const struct flash_family *f,
+                      uint64_t start, enum image_check_error *ret_kind, char **ret_message) {
+        uint64_t flash_size = t->flash_size ?: chip_flash_size(t->mcu_type), limit;
+        char have[32], need[32], total[32];
+
+        if (flash_size == 0)
+                return 0;
+        limit = (f ? f->flash_base : 0) + flash_size;
+        if (start + img->total_size <= limit)
+                return 0;
+
+        format_size(img->total_size, need, sizeof(need));
+        format_size(limit - MIN(limit, start), have, sizeof(have));
+        format_size(flash_size, total, sizeof(total));
+        if (t->flash_size)
+                return refuse(IMAGE_CHECK_TOO_BIG, ret_kind, ret_message,
+                              "image is %s, but this MCU has only %s of flash from 0x%08" PRIx64
+                              " (FlashSize= says %s in all)", need, have, start, total);
+        return refuse(IMAGE_CHECK_TOO_BIG, ret_kind, ret_message,
+                      "image is %s, but this MCU has only %s of flash from 0x%08" PRIx64
+                      " (%s parts have at most %s; if this one has more, say so with FlashSize= "
+                      "in mcuflashd.conf's [Mcu %s] section)", need, have, start, t->mcu_type,
+                      total, t->id ?: "SERIAL");
+}
+
 int image_check(const struct image *img, const struct image_target *t, uint64_t *ret_start,
                 enum image_check_error *ret_kind, char **ret_message) {
         const struct flash_family *f;
         uint64_t start;
+        int r;
         char image_desc[96], target_desc[128];
 
         if (!img || !t)
@@ -331,8 +362,7 @@ int image_check(const struct image *img, const struct image_target *t, uint64_t 
         if (img->has_addresses)
                 start = img->lowest_address;
         else {
-                int r = image_bin_start(img, t->mcu_type, &start);
-
+                r = image_bin_start(img, t->mcu_type, &start);
                 if (r == -EOPNOTSUPP) {
                         if (t->flash_start == 0)
                                 return refuse(IMAGE_CHECK_UNKNOWN_TARGET, ret_kind, ret_message,
@@ -348,11 +378,16 @@ int image_check(const struct image *img, const struct image_target *t, uint64_t 
                                       "fit any %s application address", f ? f->name : t->mcu_type);
         }
 
-        if (t->flash_start == 0)
+        /* Too big is too big, wherever the application starts. */
+        if (t->flash_start == 0) {
+                r = check_fits(img, t, f, start, ret_kind, ret_message);
+                if (r < 0)
+                        return r;
                 return refuse(IMAGE_CHECK_UNKNOWN_TARGET, ret_kind, ret_message,
                               "cannot tell where this MCU's application starts; set FlashStart=0x%08" PRIx64
                               " for it in mcuflashd.conf's [Mcu %s] section",
                               start, t->id ?: "SERIAL");
+        }
 
         if (!starts_match(f, start, t->flash_start)) {
                 describe_image_start(f, start, image_desc, sizeof(image_desc));
@@ -363,19 +398,9 @@ int image_check(const struct image *img, const struct image_target *t, uint64_t 
                               "; flashing it would overwrite the bootloader" : "");
         }
 
-        if (t->flash_size != 0) {
-                uint64_t limit = t->flash_start + t->flash_size;
-
-                if (start + img->total_size > limit) {
-                        char have[32], need[32];
-
-                        format_size(img->total_size, need, sizeof(need));
-                        format_size(limit - MIN(limit, start), have, sizeof(have));
-                        return refuse(IMAGE_CHECK_TOO_BIG, ret_kind, ret_message,
-                                      "image is %s, but this MCU has only %s of flash from 0x%08" PRIx64,
-                                      need, have, start);
-                }
-        }
+        r = check_fits(img, t, f, start, ret_kind, ret_message);
+        if (r < 0)
+                return r;
 
         if (ret_start)
                 *ret_start = start;

@@ -13,7 +13,8 @@
 struct image_target {
         const char *mcu_type;   /* config.MCU of the running firmware, e.g. "stm32f429xx" */
         uint64_t flash_start;   /* where applications start on this MCU; 0 = unknown */
-        uint64_t flash_size;    /* bytes available to the application from flash_start; 0 = unknown */
+        uint64_t flash_size;    /* the chip's flash from its base, as stated (FlashSize=); 0 = the
+                                 * largest part of mcu_type (image/chips.c) */
         const char *bootloader; /* e.g. "katapult", for messages; may be NULL */
         const char *id;         /* the MCU's id for config hints ("[Mcu <id>]"); may be NULL */
         uint16_t host_elf_machine; /* "linux" MCUs: the host's ELF machine; 0 = this build's */

@@ -21,6 +21,10 @@ Fixtures (all function-scoped, each test gets fresh ones in its tmp_path):
                     -> a started simulator on can_hub, stopped at teardown
   klippy            klippy(**FakeKlippy kwargs) -> a fake klippy API server at the
                     ApiSocket= path the daemon is configured with
+  rig               rig(kind) -> flashrig.Rig: one MCU of that kind ("katapult-usb",
+                    "katapult-uart", "katapult-can", "stm32-dfu", "picoboot") running
+                    an old Klipper behind its bootloader, the daemon started, a good
+                    image at the host version ready (see flashrig.py)
   dbus_client       harness.BusClient on the private bus
   mcu_props, manager_props, wait_for   shortcuts to dbus_client's methods
 
@@ -204,3 +208,16 @@ def klippy(klipper_host):
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def rig(request, testbed, klipper_checkout, printer_cfg, daemon, tmp_path):
+    import flashrig
+
+    def make(kind):
+        klipper_checkout(flashrig.HOST)
+        kw = dict(testbed=testbed, printer_cfg=printer_cfg, daemon=daemon)
+        if kind == "katapult-can":
+            kw.update(can_hub=request.getfixturevalue("can_hub"), can_node=request.getfixturevalue("can_node"))
+        return flashrig.make_rig(kind, tmp_path, **kw)
+    return make

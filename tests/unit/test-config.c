@@ -123,6 +123,10 @@ static void test_bad_values(void **state) {
                 { "[Klipper\nPath=/home/pi/klipper\n", 1 },
                 { "[Klipper]\n=/home/pi/klipper\n", 2 },
                 { "[Mcu 2E00]\nFlashStart=32k\n", 2 },
+                { "[Mcu 2E00]\nFlashSize=512 parsecs\n", 2 },
+                { "[Mcu 2E00]\nFlashSize=0\n", 2 },
+                { "[Mcu 2E00]\nFlashSize=-1M\n", 2 },
+                { "[Mcu 2E00]\nFlashSize=K\n", 2 },
                 { "[Mcu linux-klipper_host_mcu]\nProgram=klipper_mcu\n", 2 },
                 { "[Mcu linux-klipper_host_mcu]\nService=klipper-mcu\n", 2 },
         };
@@ -269,13 +273,23 @@ static void test_mcu_sections(void **state) {
                           "Program=/opt/klipper/klipper_mcu\n"
                           "Service=klipper-host-mcu.service\n"
                           "[Mcu 2E0036000851363131363530]\n"
-                          "FlashStart=0x08010000\n");
+                          "FlashStart=0x08010000\n"
+                          "FlashSize=256K\n"
+                          "[Mcu E0C9125B0D9B]\nFlashSize=16MiB\n"
+                          "[Mcu 0e0d81e4210c]\nFlashSize=0x20000\n");
         assert_int_equal(config_new(&c), 0);
         assert_int_equal(config_load(c, path, false), 0);
         /* The last one wins; sections do not leak into each other. */
         assert_int_equal(config_mcu_flash_start(c, "2E0036000851363131363530", &start), 0);
         assert_int_equal(start, 0x08010000);
         assert_int_equal(config_mcu_flash_start(c, "linux-klipper_host_mcu", &start), -ENOENT);
+        assert_int_equal(config_mcu_flash_size(c, "2E0036000851363131363530", &start), 0);
+        assert_int_equal(start, 256 * 1024);
+        assert_int_equal(config_mcu_flash_size(c, "E0C9125B0D9B", &start), 0);
+        assert_int_equal(start, 16 * 1024 * 1024);
+        assert_int_equal(config_mcu_flash_size(c, "0e0d81e4210c", &start), 0);
+        assert_int_equal(start, 0x20000);
+        assert_int_equal(config_mcu_flash_size(c, "linux-klipper_host_mcu", &start), -ENOENT);
         assert_int_equal(config_mcu_flash_start(c, "2E00", &start), -ENOENT);
         assert_string_equal(config_mcu_get(c, "linux-klipper_host_mcu", "Program"), "/opt/klipper/klipper_mcu");
         assert_string_equal(config_mcu_get(c, "linux-klipper_host_mcu", "Service"), "klipper-host-mcu.service");

@@ -22,6 +22,7 @@
 #include <zlib.h>
 
 #include "image/check.h"
+#include "image/chips.h"
 #include "image/image.h"
 
 #define VECTOR_WORDS 64
@@ -762,11 +763,62 @@ static void test_too_big(void **state) {
 
         (void) state;
         assert_int_equal(load(&app, &img, NULL), 0);
-        assert_check_refused(img, "stm32f429xx", 0x08008000, 8 * 1024, IMAGE_CHECK_TOO_BIG,
-                             "image is 12 KiB, but this MCU has only 8 KiB of flash from 0x08008000");
-        assert_int_equal(check(img, "stm32f429xx", 0x08008000, 12 * 1024, &start, NULL, NULL), 0);
+        /* FlashSize= counts from the flash base, the bootloader included. */
+        assert_check_refused(img, "stm32f429xx", 0x08008000, 40 * 1024, IMAGE_CHECK_TOO_BIG,
+                             "image is 12 KiB, but this MCU has only 8 KiB of flash from 0x08008000 "
+                             "(FlashSize= says 40 KiB in all)");
+        assert_int_equal(check(img, "stm32f429xx", 0x08008000, 44 * 1024, &start, NULL, NULL), 0);
         assert_int_equal(start, 0x08008000);
         buf_free(&app);
+}
+
+/* Without FlashSize=, the largest part of the MCU type bounds the image. */
+static void test_too_big_for_the_chip(void **state) {
+        struct buf fits = make_app("stm32f446xx", 0x08008000, 0x20020000, 480 * 1024);
+        struct buf big = make_app("stm32f446xx", 0x08008000, 0x20020000, 480 * 1024 + 4);
+        struct buf f042 = make_app("stm32f042x6", 0x08000000, 0x20001800, 33 * 1024);
+        _cleanup_(image_freep) struct image *img_fits = NULL, *img_big = NULL, *img_f042 = NULL;
+
+        (void) state;
+        assert_int_equal(load(&fits, &img_fits, NULL), 0);
+        assert_int_equal(load(&big, &img_big, NULL), 0);
+        assert_int_equal(load(&f042, &img_f042, NULL), 0);
+        assert_int_equal(check(img_fits, "stm32f446xx", 0x08008000, 0, NULL, NULL, NULL), 0);
+        assert_check_refused(img_big, "stm32f446xx", 0x08008000, 0, IMAGE_CHECK_TOO_BIG,
+                             "but this MCU has only 480 KiB of flash from 0x08008000 (stm32f446xx parts have "
+                             "at most 512 KiB; if this one has more, say so with FlashSize=");
+        /* Too big even where the MCU's application start is not known yet. */
+        assert_check_refused(img_big, "stm32f446xx", 0, 0, IMAGE_CHECK_TOO_BIG,
+                             "only 480 KiB of flash from 0x08008000");
+        /* The size letter of the name: x6 = 32 KiB. */
+        assert_check_refused(img_f042, "stm32f042x6", 0x08000000, 0, IMAGE_CHECK_TOO_BIG,
+                             "only 32 KiB of flash from 0x08000000");
+        /* A stated size wins over the table. */
+        assert_int_equal(check(img_f042, "stm32f042x6", 0x08000000, 64 * 1024, NULL, NULL, NULL), 0);
+        buf_free(&fits);
+        buf_free(&big);
+        buf_free(&f042);
+}
+
+static void test_chip_flash_sizes(void **state) {
+        (void) state;
+        assert_int_equal(chip_flash_size("stm32f103xe"), 512 * 1024);
+        assert_int_equal(chip_flash_size("stm32f070xb"), 128 * 1024);
+        assert_int_equal(chip_flash_size("stm32f401xc"), 256 * 1024);
+        assert_int_equal(chip_flash_size("stm32f446xx"), 512 * 1024);
+        assert_int_equal(chip_flash_size("stm32f429xx"), 2 * 1024 * 1024);
+        assert_int_equal(chip_flash_size("stm32g0b1xx"), 512 * 1024);
+        assert_int_equal(chip_flash_size("stm32h723xx"), 1024 * 1024);
+        assert_int_equal(chip_flash_size("samd21g18a"), 256 * 1024);
+        assert_int_equal(chip_flash_size("same70q20b"), 1024 * 1024);
+        assert_int_equal(chip_flash_size("rp2040"), 2 * 1024 * 1024);
+        assert_int_equal(chip_flash_size("atmega2560"), 256 * 1024);
+        assert_int_equal(chip_flash_size("lpc1769"), 512 * 1024);
+        assert_int_equal(chip_flash_size("linux"), 0);
+        assert_int_equal(chip_flash_size("stm32x"), 0);
+        assert_int_equal(chip_flash_size("samd21gxx"), 0);
+        assert_int_equal(chip_flash_size(""), 0);
+        assert_int_equal(chip_flash_size(NULL), 0);
 }
 
 static void test_fd_sealed_and_max_size(void **state) {
@@ -882,6 +934,8 @@ int main(void) {
                 cmocka_unit_test(test_mcu_mismatch),
                 cmocka_unit_test(test_unknown_flash_start),
                 cmocka_unit_test(test_too_big),
+                cmocka_unit_test(test_too_big_for_the_chip),
+                cmocka_unit_test(test_chip_flash_sizes),
                 cmocka_unit_test(test_fd_sealed_and_max_size),
                 cmocka_unit_test(test_fuzz_no_crash),
         };
