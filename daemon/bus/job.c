@@ -1,6 +1,7 @@
 /* Implementation of bus/job.h.  Properties are read straight from struct
  * job; Cancel() asks core/job.c and says plainly when stopping is not safe
- * at this moment. */
+ * at this moment.  Cancelling is as privileged as starting: the caller that
+ * started the job, or one polkit allows the job kind's action. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +9,7 @@
 #include "bus/bus.h"
 #include "bus/errors.h"
 #include "bus/job.h"
+#include "core/auth.h"
 #include "core/daemon.h"
 #include "core/job.h"
 #include "shared/log.h"
@@ -50,8 +52,9 @@ static int job_enumerate(sd_bus *bus, const char *prefix, void *userdata, char *
         return 0;
 }
 
-static int method_cancel(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        struct job *j = userdata;
+/* Cancel @j now: 0, or a Busy error in @error for a job that has finished
+ * or cannot stop safely at this moment. */
+static int job_cancel_now(struct job *j, sd_bus_error *error) {
         int r;
 
         r = job_cancel(j);
@@ -62,9 +65,75 @@ static int method_cancel(sd_bus_message *msg, void *userdata, sd_bus_error *erro
                 return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
                                       "Job %u cannot stop safely while %s; it stops at the next safe point.",
                                       j->number, j->phase);
+        return r;
+}
+
+struct cancel_request {
+        struct daemon *daemon;
+        sd_bus_message *message;
+        char *job_path;
+        struct auth_query *query;
+};
+
+static void cancel_request_free(struct cancel_request *req) {
+        auth_query_free(req->query);
+        sd_bus_message_unref(req->message);
+        free(req->job_path);
+        free(req);
+}
+
+static void on_cancel_authorized(void *userdata, int result) {
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        struct cancel_request *req = userdata;
+        struct job *j;
+        int r = 0;
+
+        req->query = NULL;
+        j = job_find_by_path(req->daemon, req->job_path);
+        if (result <= 0)
+                r = bus_error_setf(&error, MCUFLASH_ERROR_NOT_AUTHORIZED, "%s", auth_result_message(result));
+        else if (!j)
+                r = bus_error_setf(&error, MCUFLASH_ERROR_NOT_FOUND, "Job %s is gone.", req->job_path);
+        else
+                r = job_cancel_now(j, &error);
+        if (r < 0 && !sd_bus_error_is_set(&error))
+                sd_bus_error_set_errno(&error, r);
         if (r < 0)
+                (void) sd_bus_reply_method_error(req->message, &error);
+        else
+                (void) sd_bus_reply_method_return(req->message, NULL);
+        bus_kick(req->daemon);
+        cancel_request_free(req);
+}
+
+/* Validate, authorize, act: the caller that started the job may cancel it;
+ * anybody else needs the action that starting such a job needs. */
+static int method_cancel(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        struct job *j = userdata;
+        struct cancel_request *req;
+        int r;
+
+        if (job_is_finished(j))
+                return job_cancel_now(j, error);
+        if (j->owner && streq_ptr(sd_bus_message_get_sender(msg), j->owner)) {
+                r = job_cancel_now(j, error);
+                return r < 0 ? r : sd_bus_reply_method_return(msg, NULL);
+        }
+
+        req = calloc(1, sizeof(*req));
+        if (!req || !(req->job_path = strdup(j->object_path))) {
+                free(req);
+                return -ENOMEM;
+        }
+        req->daemon = j->daemon;
+        req->message = sd_bus_message_ref(msg);
+        r = auth_check_async(j->daemon->bus, j->daemon->base, msg, auth_action_for_job(j->kind),
+                             on_cancel_authorized, req, &req->query);
+        if (r < 0) {
+                cancel_request_free(req);
                 return r;
-        return sd_bus_reply_method_return(msg, NULL);
+        }
+        return 1;
 }
 
 #define JOB_PROPERTY(name, sig, field) \

@@ -155,6 +155,8 @@ static void reboot_request_answer(struct reboot_request *req) {
                 sd_bus_error_set_errno(&error, r);
                 goto fail;
         }
+        /* Whoever started it may always cancel it. */
+        (void) free_and_strdup(&j->owner, sd_bus_message_get_sender(req->message));
         (void) sd_bus_reply_method_return(req->message, "o", j->object_path);
         bus_kick(d);
         return;

@@ -45,6 +45,24 @@ static const struct {
         { "io.mcuflash1.Manager", "UpdateAll", "io.mcuflash1.update-all" },
 };
 
+static const struct {
+        const char *kind;
+        const char *action;
+} job_actions[] = {
+        { "reboot", "io.mcuflash1.reboot" },
+        { "flash", "io.mcuflash1.flash" },
+        { "update-all", "io.mcuflash1.update-all" },
+};
+
+const char *auth_action_for_job(const char *kind) {
+        if (!kind)
+                return NULL;
+        for (size_t i = 0; i < ELEMENTSOF(job_actions); i++)
+                if (streq(job_actions[i].kind, kind))
+                        return job_actions[i].action;
+        return NULL;
+}
+
 const char *auth_action_for(const char *interface, const char *member) {
         if (!interface || !member)
                 return NULL;

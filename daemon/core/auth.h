@@ -46,6 +46,16 @@ struct auth_query;
 const char *auth_action_for(const char *interface, const char *member);
 
 /**
+ * auth_action_for_job() - the polkit action Job.Cancel needs
+ * @kind: the job's Kind ("flash", "reboot", "update-all")
+ *
+ * Cancelling a job takes the action that starting it took (the caller that
+ * started it may always cancel it; that is the Job handler's business).
+ * Returns NULL for an unknown kind.
+ */
+const char *auth_action_for_job(const char *kind);
+
+/**
  * auth_check_async() - is the sender of @request allowed @action?
  * @bus: the connection @request came in on
  * @base: the loop @bus runs on; a root caller's answer is delivered from it

@@ -206,6 +206,7 @@ static void job_free(struct job *j) {
         free(j->mcu_id);
         free(j->error);
         free(j->error_message);
+        free(j->owner);
         free(j);
 }
 

@@ -97,6 +97,7 @@ struct job {
         unsigned number;
         struct daemon *daemon;
         char *mcu_id;
+        char *owner;                    /* unique bus name of the caller that started it; may be NULL */
         enum job_kind kind_id;
         enum job_state state_id;
         enum job_phase phase_id;

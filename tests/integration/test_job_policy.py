@@ -127,6 +127,50 @@ def test_no_polkit_unprivileged_caller_is_refused(board, daemon, bus, dbus_clien
     assert not board.sim.bootloader_requested
 
 
+def start_waiting_job(testbed, klipper_checkout, printer_cfg, daemon, dbus_client, wait_for):
+    """A reboot job by root that waits (the board never answers the
+    bootloader request) until BootloaderTimeoutSec."""
+    klipper_checkout(HOST)
+    b = testbed.add_klipper_usb(serial="2E0036000851363131363530", version=HOST, bootloader=None,
+                                bootloader_request=True)
+    printer_cfg("[mcu]\nserial: %s\n" % b.by_id)
+    daemon(extra_config="\n[Jobs]\nBootloaderTimeoutSec=30\n")
+    wait_app(dbus_client, wait_for)
+    job = dbus_client.call(dbus_client.get_mcu("mcu"), "io.mcuflash1.Mcu", "RebootToBootloader",
+                           dbus.Dictionary({}, signature="sv"))
+    wait_for(lambda: dbus_client.get_all(job, "io.mcuflash1.Job")["Phase"] == "entering-bootloader", timeout=10)
+    return job
+
+
+def cancel_as_nobody(bus, job):
+    """Job.Cancel from uid 65534 until it is not Busy (the request may be on
+    its way to the MCU): the last CompletedProcess."""
+    for _ in range(50):
+        out = ctl_as_nobody(bus, "cancel", job)
+        if "Busy" not in out.stderr and "next safe point" not in out.stderr:
+            return out
+    return out
+
+
+def test_cancel_takes_the_action_of_the_job(testbed, klipper_checkout, printer_cfg, polkit, daemon, bus,
+                                            dbus_client, wait_for):
+    """Cancelling somebody else's job is as privileged as starting it: a
+    user polkit does not allow to reboot MCUs cannot cancel a reboot."""
+    job = start_waiting_job(testbed, klipper_checkout, printer_cfg, daemon, dbus_client, wait_for)
+    out = cancel_as_nobody(bus, job)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "not authorized" in out.stderr.lower() or "NotAuthorized" in out.stderr, out.stderr
+    assert polkit.checked_actions() == ["io.mcuflash1.reboot"]
+    assert dbus_client.get_all(job, "io.mcuflash1.Job")["State"] == "running"
+
+    polkit.allow("io.mcuflash1.reboot")
+    out = cancel_as_nobody(bus, job)
+    assert out.returncode == 0, out.stdout + out.stderr
+    done = wait_for(lambda: (lambda p: p if p["State"] != "running" else None)(
+        dbus_client.get_all(job, "io.mcuflash1.Job")), timeout=10)
+    assert done["State"] == "cancelled", done
+
+
 @pytest.mark.parametrize("succeeds", [True, False])
 def test_klipper_stopped_and_started_around_a_job(testbed, klipper_checkout, printer_cfg, klippy,
                                                   systemd, daemon, dbus_client, wait_for, succeeds):
