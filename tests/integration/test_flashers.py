@@ -277,12 +277,16 @@ def test_dfu_stall_then_retry(usb):
         assert sim.violations == []
 
 
-def test_dfu_disconnect_then_retry(usb):
-    sim = dfu_sim(usb, fault="disconnect:write")
+@pytest.mark.parametrize("phase", ["erase", "setaddress", "write", "getstatus"])
+def test_dfu_disconnect_then_retry(usb, phase):
+    """Unplugged in each phase before the image is complete: a clear
+    error, and the next session (after re-enumeration) writes it all."""
+    sim = dfu_sim(usb, fault="disconnect:" + phase)
     image = pattern(5000, 8)
     r = usb.flash("stm32-dfu", DFU_BUS, DFU_DEV, image, APP, APP)
     r.failed(errno.ENODEV)
     assert "disconnected" in r.message
+    assert sim.fault_hits == ["disconnect:" + phase]
     # The board re-enumerates (new device number), its flash as it was.
     usb.unplug(sim)
     with sim.lock:
@@ -367,12 +371,16 @@ def test_picoboot_stall_then_retry(usb):
         assert sim.read_flash(RP2040_FLASH, len(KATAPULT_RP2040)) == KATAPULT_RP2040
 
 
-def test_picoboot_disconnect_then_retry(usb):
-    sim = pico_sim(usb, fault="disconnect:write")
+@pytest.mark.parametrize("phase", ["exclusive", "exitxip", "erase", "write", "read"])
+def test_picoboot_disconnect_then_retry(usb, phase):
+    """Unplugged in each phase before the image is verified: a clear
+    error, and the next session (after re-enumeration) writes it all."""
+    sim = pico_sim(usb, fault="disconnect:" + phase)
     image = pattern(6000, 13)
     r = usb.flash("picoboot", PICO_BUS, PICO_DEV, image, RP2040_APP, RP2040_APP)
     r.failed(errno.ENODEV)
     assert "disconnected" in r.message
+    assert sim.fault_hits == ["disconnect:" + phase]
     usb.unplug(sim)
     with sim.lock:
         flash = bytes(sim.flash)
