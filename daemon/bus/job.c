@@ -58,13 +58,21 @@ static int job_cancel_now(struct job *j, sd_bus_error *error) {
         int r;
 
         r = job_cancel(j);
-        if (r == -EALREADY)
+        if (r == -EALREADY && job_is_finished(j))
                 return bus_error_setf(error, MCUFLASH_ERROR_BUSY, "Job %u has finished already (%s).",
                                       j->number, j->state);
+        if (r == -EALREADY)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY, "Job %u is done with the MCU and only "
+                                      "starts Klipper again; there is nothing left to cancel.", j->number);
         if (r == -EBUSY)
                 return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
                                       "Job %u cannot stop safely while %s; it stops at the next safe point.",
                                       j->number, j->phase);
+        if (r == -EINPROGRESS)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "Job %u has put the new program in place and waits for it to answer; "
+                                      "it cannot be cancelled now: the new program answers, or the old one "
+                                      "is put back.", j->number);
         return r;
 }
 

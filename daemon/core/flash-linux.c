@@ -326,9 +326,11 @@ void flash_linux_run(struct job *j) {
 }
 
 int flash_linux_cancel(struct job *j) {
+        struct flash *f = j->data;
+
         /* Before the install job.c cancels by itself (phase "preparing").
          * While installing, the installer stops before it replaces the
          * program.  Once the new program is in place it either answers or
          * is rolled back; neither is cut short. */
-        return -EBUSY;
+        return f->flashing ? -EBUSY : -EINPROGRESS;
 }

@@ -312,6 +312,8 @@ int job_cancel(struct job *j) {
                 return 0;
         }
         r = j->ops->cancel ? j->ops->cancel(j) : -EBUSY;
+        if (r == -EINPROGRESS)
+                j->cancel_requested = false;    /* it will not stop */
         return r;
 }
 

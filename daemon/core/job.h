@@ -75,7 +75,7 @@ struct job_ops {
         /* Cancel() arrived: return 0 if the job stopped (it must have called
          * job_finish() with JOB_STATE_CANCELLED), -EBUSY if this is not a
          * safe point (the job stops at the next one by itself). */
-        int (*cancel)(struct job *j);
+        int (*cancel)(struct job *j);   /* as job_cancel(): 0, -EBUSY, -EINPROGRESS */
         /* Release job->data. */
         void (*free)(struct job *j);
 };
@@ -134,7 +134,8 @@ void job_finish(struct job *j, enum job_state state, enum mcuflash_error error, 
         _printf_(4, 5);
 
 /* Cancel() on D-Bus: 0, -EBUSY (not a safe point; will stop at the next),
- * -EALREADY (finished already). */
+ * -EINPROGRESS (past the last point where it could stop: it runs to its
+ * end), -EALREADY (finished already, or only Klipper is being started). */
 int job_cancel(struct job *j);
 
 /* Arm the job's timeout: @on_timeout runs on the loop after @usec. */

@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import sys
+from types import SimpleNamespace
 
 import dbus
 import pytest
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sim"))
 import mkimage  # noqa: E402
 import systemd_mock  # noqa: E402
 from linux_mcu import LinuxMcuService  # noqa: E402
+from flashrig import start_flash, wait_done  # noqa: E402
 
 HOST = "v0.13.0-46-g8c72b4a5"
 OLD = "v0.12.0-396-g2d5a2aa8"
@@ -156,6 +158,26 @@ def test_linux_flash_rolls_back_when_the_new_program_does_not_answer(klipper_che
     out = ctl("flash", "rpi", str(image), timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     wait_version(dbus_client, wait_for, HOST)
+
+
+def test_linux_flash_is_not_cancelled_once_the_new_program_is_in_place(klipper_checkout, printer_cfg, daemon,
+                                                                      dbus_client, wait_for, tmp_path, host):
+    """Past the rename there is no half-way: Cancel says so, and the job
+    ends as it would have (here: rolled back, the old program answers)."""
+    h = host(broken={HOST})
+    start(klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, h,
+          extra="\n[Jobs]\nBootloaderTimeoutSec=4\n")
+    job = start_flash(dbus_client, SimpleNamespace(selector="rpi", image=str(linux_image(tmp_path))))
+    wait_for(lambda: h.restarts() == [UNIT], timeout=20, what="the new program installed")
+    with pytest.raises(dbus.exceptions.DBusException) as e:
+        dbus_client.call(job, "io.mcuflash1.Job", "Cancel")
+    assert e.value.get_dbus_name() == "io.mcuflash1.Error.Busy"
+    assert "cannot be cancelled now" in e.value.get_dbus_message(), e.value.get_dbus_message()
+    done = wait_done(dbus_client, wait_for, job, timeout=30)
+    assert (done["State"], done["Error"]) == ("failed", "io.mcuflash1.Error.Timeout"), done
+    assert "put back" in done["ErrorMessage"], done
+    assert h.installed() == h.old_bytes
+    wait_version(dbus_client, wait_for, OLD)
 
 
 @pytest.mark.parametrize("case,error,expected", [
