@@ -277,29 +277,6 @@ def test_dfu_stall_then_retry(usb):
         assert sim.violations == []
 
 
-@pytest.mark.parametrize("phase", ["erase", "setaddress", "write", "getstatus"])
-def test_dfu_disconnect_then_retry(usb, phase):
-    """Unplugged in each phase before the image is complete: a clear
-    error, and the next session (after re-enumeration) writes it all."""
-    sim = dfu_sim(usb, fault="disconnect:" + phase)
-    image = pattern(5000, 8)
-    r = usb.flash("stm32-dfu", DFU_BUS, DFU_DEV, image, APP, APP)
-    r.failed(errno.ENODEV)
-    assert "disconnected" in r.message
-    assert sim.fault_hits == ["disconnect:" + phase]
-    # The board re-enumerates (new device number), its flash as it was.
-    usb.unplug(sim)
-    with sim.lock:
-        flash = bytes(sim.flash)
-    again = dfu_sim(usb, devnum=DFU_DEV + 1, flash=flash)
-    r = usb.flash("stm32-dfu", DFU_BUS, DFU_DEV + 1, image, APP, APP)
-    r.ok()
-    with again.lock:
-        assert again.read_flash(APP, len(image)) == image
-        assert again.read_flash(STM32_FLASH, len(BOOTLOADER)) == BOOTLOADER
-        assert again.violations == []
-
-
 def test_dfu_cancel_between_blocks(usb):
     sim = dfu_sim(usb)
     r = usb.flash("stm32-dfu", DFU_BUS, DFU_DEV, pattern(5000, 9), APP, APP, "cancel-after=1")
@@ -371,25 +348,38 @@ def test_picoboot_stall_then_retry(usb):
         assert sim.read_flash(RP2040_FLASH, len(KATAPULT_RP2040)) == KATAPULT_RP2040
 
 
-@pytest.mark.parametrize("phase", ["exclusive", "exitxip", "erase", "write", "read"])
-def test_picoboot_disconnect_then_retry(usb, phase):
-    """Unplugged in each phase before the image is verified: a clear
-    error, and the next session (after re-enumeration) writes it all."""
-    sim = pico_sim(usb, fault="disconnect:" + phase)
-    image = pattern(6000, 13)
-    r = usb.flash("picoboot", PICO_BUS, PICO_DEV, image, RP2040_APP, RP2040_APP)
+# Per USB flasher: its simulator, bus/device, application start, and the
+# bootloader region it must never touch.
+USB_FLASHERS = {
+    "stm32-dfu": (lambda usb, **kw: dfu_sim(usb, **kw), DFU_BUS, DFU_DEV, APP, STM32_FLASH, BOOTLOADER),
+    "picoboot": (lambda usb, **kw: pico_sim(usb, **kw), PICO_BUS, PICO_DEV, RP2040_APP, RP2040_FLASH,
+                 KATAPULT_RP2040),
+}
+
+
+@pytest.mark.parametrize("kind,phase", [("stm32-dfu", p) for p in ("erase", "setaddress", "write", "getstatus")] +
+                         [("picoboot", p) for p in ("exclusive", "exitxip", "erase", "write", "read")])
+def test_usb_disconnect_then_retry(usb, kind, phase):
+    """Unplugged in each phase before the image is complete and verified: a
+    clear error, and the next session (after re-enumeration, the flash as
+    it was) writes it all, the bootloader region untouched."""
+    make_sim, bus, dev, app, flash_base, protected = USB_FLASHERS[kind]
+    sim = make_sim(usb, fault="disconnect:" + phase)
+    image = pattern(6000, 8)
+    r = usb.flash(kind, bus, dev, image, app, app)
     r.failed(errno.ENODEV)
     assert "disconnected" in r.message
     assert sim.fault_hits == ["disconnect:" + phase]
     usb.unplug(sim)
     with sim.lock:
         flash = bytes(sim.flash)
-    again = pico_sim(usb, devnum=PICO_DEV + 1, flash=flash)
-    r = usb.flash("picoboot", PICO_BUS, PICO_DEV + 1, image, RP2040_APP, RP2040_APP)
+    again = make_sim(usb, devnum=dev + 1, flash=flash)
+    r = usb.flash(kind, bus, dev + 1, image, app, app)
     r.ok()
     with again.lock:
-        assert again.read_flash(RP2040_APP, len(image)) == image
-        assert again.read_flash(RP2040_FLASH, len(KATAPULT_RP2040)) == KATAPULT_RP2040
+        assert again.read_flash(app, len(image)) == image
+        assert again.read_flash(flash_base, len(protected)) == protected
+        assert again.violations == []
 
 
 def test_picoboot_cancel_between_blocks(usb):
