@@ -400,8 +400,9 @@ const char *config_mcu_get(const struct config *c, const char *id, const char *k
         return found;
 }
 
-int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret) {
-        const char *v = config_mcu_get(c, id, "FlashStart");
+/* A number key, stored in decimal by assign_mcu_setting(). */
+static int config_mcu_get_number(const struct config *c, const char *id, const char *key, uint64_t *ret) {
+        const char *v = config_mcu_get(c, id, key);
 
         if (!v)
                 return -ENOENT;
@@ -409,13 +410,12 @@ int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret
         return 0;
 }
 
-int config_mcu_flash_size(const struct config *c, const char *id, uint64_t *ret) {
-        const char *v = config_mcu_get(c, id, "FlashSize");
+int config_mcu_flash_start(const struct config *c, const char *id, uint64_t *ret) {
+        return config_mcu_get_number(c, id, "FlashStart", ret);
+}
 
-        if (!v)
-                return -ENOENT;
-        *ret = strtoull(v, NULL, 10);
-        return 0;
+int config_mcu_flash_size(const struct config *c, const char *id, uint64_t *ret) {
+        return config_mcu_get_number(c, id, "FlashSize", ret);
 }
 
 static int config_assign(struct config *c, const struct config_location *loc,

@@ -56,13 +56,18 @@ def _board_rig(rig, printer_cfg, daemon, board, serial, extra_config=""):
     rig.boots = lambda: list(rig.board.history)
 
 
+def _katapult_flash(rig):
+    """Katapult's simulated flash on the board: address -> block."""
+    rig.flashed = lambda n: katapult_bytes(rig.board, rig.start, n)
+    rig.flash_state = lambda: dict((a, bytes(b)) for a, b in rig.board.flash.items())
+
+
 def katapult_usb(rig, testbed, printer_cfg, daemon, **_):
     rig.mcu, rig.start, rig.bootloader, rig.size = "stm32f446xx", 0x08008000, "katapult", 48 * 1024
     board = testbed.add_klipper_usb(serial=OCTOPUS, version=OLD, mcu=rig.mcu, bootloader="katapult",
                                     katapult_kwargs={"app_start": rig.start})
     _board_rig(rig, printer_cfg, daemon, board, board.by_id)
-    rig.flashed = lambda n: katapult_bytes(rig.board, rig.start, n)
-    rig.flash_state = lambda: dict((a, bytes(b)) for a, b in rig.board.flash.items())
+    _katapult_flash(rig)
 
 
 def katapult_uart(rig, testbed, printer_cfg, daemon, **_):
@@ -71,8 +76,7 @@ def katapult_uart(rig, testbed, printer_cfg, daemon, **_):
     board = testbed.add_uart("ttyAMA0", klipper={"version": OLD, "mcu": rig.mcu}, bootloader="katapult",
                              katapult_kwargs={"app_start": rig.start})
     _board_rig(rig, printer_cfg, daemon, board, "/dev/ttyAMA0")
-    rig.flashed = lambda n: katapult_bytes(rig.board, rig.start, n)
-    rig.flash_state = lambda: dict((a, bytes(b)) for a, b in rig.board.flash.items())
+    _katapult_flash(rig)
 
 
 def katapult_can(rig, printer_cfg, daemon, can_hub, can_node, **_):
