@@ -44,7 +44,7 @@ BUSY = 0xF3
 PRIME = 0x90                    # flashtool's dummy "prime" command
 PROTO_VERSION = 0x00010100
 MESSAGE_MIN = 8
-MESSAGE_MAX = 128
+MESSAGE_MAX = 128               # Katapult's command buffer with 64-byte blocks
 COMPLETE_DELAY = 0.1
 COMMAND_NAMES = {CONNECT: "CONNECT", SEND_BLOCK: "SEND_BLOCK", SEND_EOF: "SEND_EOF",
                  REQUEST_BLOCK: "REQUEST_BLOCK", COMPLETE: "COMPLETE",
@@ -201,7 +201,10 @@ class KatapultCore:
             if len(buf) < MESSAGE_MIN:
                 break
             length = buf[3] * 4 + 8
-            limit = max(MESSAGE_MAX, self.block_size + 16)
+            # Katapult's command buffer holds a block and 64 bytes more (128
+            # with its 64-byte blocks): a frame whose word count says more is
+            # NACKed, never waited for.
+            limit = self.block_size + 64
             if buf[0] != 0x01 or buf[1] != 0x88 or length > limit:
                 self._error(out)
                 continue
