@@ -39,9 +39,9 @@
  * of alternates and a multi-pack-index are not counted.
  *
  * klippy/.version is read directly (no child), non-blocking and only if it
- * is a regular file; a first line that is not a version (protocols.md §16
- * forms) is not shown, so that a link to a root-only file cannot put its
- * first line on the bus. */
+ * is a regular file the checkout's owner could read; a first line that is
+ * not a version (protocols.md §16 forms) is not shown either.  So a link to
+ * a root-only file cannot put its first line on the bus. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -417,6 +417,21 @@ static int describe_checkout(const char *path, unsigned timeout_msec, char **ret
 
 /* ---- klippy/.version --------------------------------------------------- */
 
+/* Could the owner of the checkout @path read the file @st?  (Group access
+ * is judged by the checkout's group.)  A link to a root-only file is not
+ * read on their behalf. */
+static bool owner_can_read(const char *path, const struct stat *st) {
+        struct stat dir;
+
+        if (stat(path, &dir) < 0)
+                return false;
+        if (dir.st_uid == 0 || (st->st_mode & S_IROTH))
+                return true;
+        if (st->st_uid == dir.st_uid)
+                return st->st_mode & S_IRUSR;
+        return st->st_gid == dir.st_gid && (st->st_mode & S_IRGRP);
+}
+
 /* First line of @path/klippy/.version, trimmed, if it is a version. */
 static int read_version_file(const char *path, char **ret) {
         _cleanup_free_ char *file = NULL;
@@ -438,6 +453,8 @@ static int read_version_file(const char *path, char **ret) {
                 return -errno;
         if (!S_ISREG(st.st_mode))
                 return -EBADFD;
+        if (!owner_can_read(path, &st))
+                return -EACCES;
         while (fill + 1 < sizeof(buf)) {
                 ssize_t n = read(fd, buf + fill, sizeof(buf) - 1 - fill);
                 if (n < 0 && errno == EINTR)
@@ -496,6 +513,9 @@ int version_read_host_with_timeout(const char *klipper_path, unsigned timeout_ms
         if (r == -EBADMSG)
                 log_warning("%s/klippy/.version does not start with a version; host version unknown.",
                             klipper_path);
+        else if (r == -EACCES)
+                log_warning("%s/klippy/.version is not readable by the checkout's owner, not read; "
+                            "host version unknown.", klipper_path);
         else
                 log_debug_errno(r, "Cannot read %s/klippy/.version: %m", klipper_path);
 
