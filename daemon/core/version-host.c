@@ -26,7 +26,10 @@
  * libgit2 ≥ 1.4 refuses a repository owned by another user, like git's
  * safe.directory.  That check exists to stop a foreign config from running
  * programs; libgit2 runs none, so it is switched off
- * (GIT_OPT_SET_OWNER_VALIDATION, a process-wide libgit2 setting).
+ * (GIT_OPT_SET_OWNER_VALIDATION, a process-wide libgit2 setting).  What
+ * leaves the child is the describe text alone, so a config pointing
+ * elsewhere (core.worktree, a "gitdir:" file) reveals no more than a tag
+ * name and whether files differ.
  *
  * All of it happens in a child process forked for the purpose, killed after
  * a timeout: libgit2 cannot be interrupted, and the owner of the checkout
