@@ -142,8 +142,8 @@ static void host_state_changed(void *userdata, const struct klippy_status *st) {
         d->klippy_says_stopped = !st->connected;
         daemon_set_printer_state(d, st->printer_state);
 
-        if (isempty(d->config->klipper_path) && !isempty(st->software_version))
-                daemon_set_host_version(d, st->software_version);
+        /* While Klipper runs its own word on its version wins over the checkout. */
+        daemon_set_klippy_version(d, st->connected ? st->software_version : NULL);
 
         /* Without PrinterConfig=, klippy tells which printer.cfg it runs. */
         if (isempty(d->config->printer_config) && !isempty(st->config_file) &&

@@ -1138,9 +1138,11 @@ class KlipperHost:
         self.printer_cfg_path = os.path.join(workdir, "printer_data", "config", "printer.cfg")
         self.api_socket = os.path.join(workdir, "printer_data", "comms", "klippy.sock")
         os.makedirs(os.path.join(self.checkout, "klippy"), exist_ok=True)
+        self.version = None
 
     def set_version(self, version):
         """Write klippy/.version the way Klipper's release tarballs carry it."""
+        self.version = version
         with open(os.path.join(self.checkout, "klippy", ".version"), "w") as f:
             f.write(version + "\n")
         stub = os.path.join(self.checkout, "klippy", "klippy.py")
