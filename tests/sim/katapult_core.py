@@ -198,16 +198,19 @@ class KatapultCore:
                 del buf[:idx]
                 self.need_sync = False
                 continue
-            if len(buf) < MESSAGE_MIN:
+            # Katapult looks at a frame's header once more than 4 bytes
+            # are in.  Its command buffer holds a block and 64 bytes more
+            # (128 with its 64-byte blocks): a frame whose word count says
+            # more is NACKed then, never waited for.
+            if len(buf) <= 4:
                 break
             length = buf[3] * 4 + 8
-            # Katapult's command buffer holds a block and 64 bytes more (128
-            # with its 64-byte blocks): a frame whose word count says more is
-            # NACKed, never waited for.
             limit = self.block_size + 64
             if buf[0] != 0x01 or buf[1] != 0x88 or length > limit:
                 self._error(out)
                 continue
+            if len(buf) < MESSAGE_MIN:
+                break
             if len(buf) < length:
                 break
             raw = bytes(buf[:length])
