@@ -166,3 +166,39 @@ def test_klippy_reports_mcu_kconfig(testbed, klipper_checkout, printer_cfg, klip
     server.set_mcu("mcu", version=OLD, mcu_kconfig="")
     props_when(dbus_client, wait_for, "mcu", lambda p: p["BuildConfig"] == "" and
                p["FirmwareVersion"] == OLD, "config gone with the older build")
+
+
+def test_flashing_a_kalico_bzip2_image_then_an_older_one(can_hub, can_node, klipper_checkout,
+                                                         printer_cfg, daemon, dbus_client, wait_for,
+                                                         ctl, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import mkimage
+    klipper_checkout(KALICO)
+    printer_cfg("[mcu EBBCan]\ncanbus_uuid: %s\n" % EBB_UUID)
+    can_hub.add_iface("can0")
+    node = can_node("klipper", uuid=EBB_UUID, version=OLD, mcu="stm32g0b1xx", app_start=0x08002000)
+    daemon(can_hub=can_hub)
+    assert identified(dbus_client, wait_for, "EBBCan")["BuildConfig"] == ""
+
+    # The image's dictionary is bzip2 with app Kalico: found, accepted, flashed.
+    kalico = tmp_path / "kalico.bin"
+    kalico.write_bytes(mkimage.build("stm32g0b1xx", KALICO, 0x08002000, link="can", app="Kalico",
+                                     compression="bzip2", kconfig=EBB36_KCONFIG))
+    out = ctl("flash", "EBBCan", str(kalico), timeout=120)
+    assert out.returncode == 0, out.stderr
+    props = props_when(dbus_client, wait_for, "EBBCan",
+                       lambda p: p["State"] == "application" and p["FirmwareVersion"] == KALICO,
+                       "EBBCan runs the Kalico build")
+    assert node.dict_compressed[:3] == b"BZh"      # it serves what the image embeds
+    assert (props["Firmware"], props["VersionMatchesHost"]) == ("Kalico", "yes")
+    assert props["BuildConfig"] == EBB36_KCONFIG
+
+    # Back to an older Klipper build: zlib, no config.
+    older = tmp_path / "older.bin"
+    older.write_bytes(mkimage.build("stm32g0b1xx", OLD, 0x08002000, link="can"))
+    out = ctl("flash", "EBBCan", str(older), timeout=120)
+    assert out.returncode == 0, out.stderr
+    props = props_when(dbus_client, wait_for, "EBBCan",
+                       lambda p: p["State"] == "application" and p["FirmwareVersion"] == OLD,
+                       "EBBCan runs the older build")
+    assert (props["Firmware"], props["BuildConfig"]) == ("Klipper", "")
