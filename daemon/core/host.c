@@ -89,9 +89,9 @@ static void host_apply_mcu(struct daemon *d, const struct klippy_mcu_info *info)
                 return;
         daemon_cancel_offline_timer(m);
         if (!isempty(info->version)) {
-                mcu_set_state(m, MCU_STATE_APPLICATION);
                 bool same_build = streq(m->firmware_version, info->version);
 
+                mcu_set_state(m, MCU_STATE_APPLICATION);
                 /* klippy does not say which app it talks to: a Kalico that
                  * identify saw stays Kalico. */
                 if (!klipper_dict_app_is_klipper(m->firmware))
