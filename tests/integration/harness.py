@@ -1088,7 +1088,8 @@ class Testbed:
             self._set_mode(board, "foreign", device=board.device if board.in_place else None)
             return
         sim_args = dict(board.sim_args or {})
-        for key in ("version", "build_versions", "fault", "start_seq", "dictionary"):
+        for key in ("version", "build_versions", "fault", "start_seq", "dictionary", "app", "kconfig",
+                    "compression"):
             sim_args.pop(key, None)
         sim_args["dictionary"] = dictionary
         parsed = json.loads(dictionary)

@@ -23,10 +23,9 @@ katapult_serial.py (USB CDC and UART ptys) do that.  Host-side helpers
 (frame building, response parsing, CONNECT payload parsing) are here too.
 """
 
-import json
 import struct
-import zlib
 
+import klipper_dict
 import klipper_proto
 
 DEFAULT_KATAPULT_VERSION = "v0.0.1-95-g2b22438"
@@ -73,21 +72,10 @@ def parse_connect_payload(payload):
 
 
 def find_klipper_dictionary(image):
-    """JSON text of the first Klipper data dictionary in a flat image
-    (§15.2: every 78 DA that inflates to JSON with app Klipper, or with
-    version and commands), or None."""
-    pos = image.find(b"\x78\xda")
-    while pos >= 0:
-        try:
-            text = zlib.decompressobj().decompress(image[pos:]).decode()
-            parsed = json.loads(text)
-            if isinstance(parsed, dict) and (parsed.get("app") == "Klipper" or
-                                             ("version" in parsed and "commands" in parsed)):
-                return text
-        except (zlib.error, UnicodeDecodeError, ValueError):
-            pass
-        pos = image.find(b"\x78\xda", pos + 1)
-    return None
+    """JSON text of the first Klipper (or Kalico) data dictionary in a flat
+    image, or None: klipper_dict.find_dictionary(), whose answer remembers
+    the compression (zlib or bzip2) the image used."""
+    return klipper_dict.find_dictionary(image)
 
 
 class ResponseReader:

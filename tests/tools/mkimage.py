@@ -5,8 +5,9 @@ build(mcu, version, start, fmt) lays out what a Klipper build puts into
 flash (protocols.md §15): a Cortex-M vector table (initial SP = top of the
 family's RAM, reset handler just behind the table, the other handlers
 pointing into the image), filler standing in for code, .rodata holding
-strings and the zlib-compressed data dictionary from klipper_dict.build()
-at an unaligned offset, and padding.  The result is encoded as a raw .bin,
+strings and the compressed data dictionary from klipper_dict.build() (zlib;
+bzip2 as Kalico does, and an embedded build config, when asked) at an
+unaligned offset, and padding.  The result is encoded as a raw .bin,
 a minimal ELF32 ARM executable (PT_LOAD segments at their load addresses,
 as `readelf -l` shows them), Intel HEX (with type 04 records) or UF2
 (256-byte payloads).  RP2040 UF2 images start at 0x10000000 with a 256-byte
@@ -93,8 +94,9 @@ def _rodata_strings():
         "Stepper too far in past", "Invalid oid type", "sentinel timer called"))
 
 
-def flat_image(mcu, version, start, size=20 * 1024, ram_top_address=None, link="usb"):
-    """The application bytes from the vector table on, linked at @start."""
+def flat_image(mcu, version, start, size=20 * 1024, ram_top_address=None, link="usb", **dict_args):
+    """The application bytes from the vector table on, linked at @start;
+    @dict_args (app, kconfig, compression) go to klipper_dict.build()."""
     rng = random.Random("%s-%s-%x" % (mcu, version, start))
     sp = ram_top_address if ram_top_address is not None else ram_top(mcu)
     table_size = VECTOR_COUNT * 4
@@ -110,7 +112,7 @@ def flat_image(mcu, version, start, size=20 * 1024, ram_top_address=None, link="
             vectors.append(default_handler)
     table = struct.pack("<%dI" % VECTOR_COUNT, *vectors)
 
-    _, compressed = klipper_dict.build(version, mcu, link=link)
+    _, compressed = klipper_dict.build(version, mcu, link=link, **dict_args)
     code = _thumb_filler(rng, 0x2000 + rng.randrange(0, 0x100) * 2)
     rodata = _rodata_strings() + b"\x01\x02\x03"   # the dictionary is not aligned
     body = table + code + rodata + compressed + _rodata_strings()
@@ -247,22 +249,16 @@ def host_program(version, machine=None, size=48 * 1024):
 def image_version(data):
     """The version in the first Klipper data dictionary inside @data, or None."""
     import json
-    import zlib
-    pos = data.find(b"\x78\xda")
-    while pos >= 0:
-        try:
-            d = zlib.decompressobj()
-            text = d.decompress(data[pos:pos + 256 * 1024])
-            return json.loads(text.decode()).get("version")
-        except (zlib.error, ValueError, UnicodeDecodeError):
-            pos = data.find(b"\x78\xda", pos + 1)
-    return None
+    text = klipper_dict.find_dictionary(data)
+    return json.loads(text).get("version") if text is not None else None
 
 
-def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="usb"):
+def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="usb", **dict_args):
     """A Klipper image for @mcu (config.MCU) with @version, linked at @start.
 
-    fmt: "bin", "elf", "hex" or "uf2".  For an RP2040 UF2 at 0x10000000 the
+    fmt: "bin", "elf", "hex" or "uf2".  dict_args: app ("Klipper", "Kalico"),
+    kconfig (the embedded build config), compression ("zlib", "bzip2") of
+    the dictionary, as klipper_dict.build() takes them.  For an RP2040 UF2 at 0x10000000 the
     image includes boot2 and the vector table sits at 0x10000100.
     """
     if mcu == "linux":
@@ -274,7 +270,7 @@ def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="us
     if mcu.startswith("rp2040") and start == 0x10000000:
         prefix = _boot2(random.Random(version))
         app_start = start + 0x100
-    app = flat_image(mcu, version, app_start, size=size, ram_top_address=ram_top, link=link)
+    app = flat_image(mcu, version, app_start, size=size, ram_top_address=ram_top, link=link, **dict_args)
     image = prefix + app
     entry = app_start + VECTOR_COUNT * 4 + 0x41
     if fmt == "bin":
@@ -303,10 +299,19 @@ def main(argv=None):
     parser.add_argument("--size", default=20 * 1024, type=lambda s: int(s, 0), help="approximate size")
     parser.add_argument("--ram-top", default=None, type=lambda s: int(s, 0), help="initial stack pointer")
     parser.add_argument("--link", default="usb", choices=("usb", "serial", "can", "canbridge"))
+    parser.add_argument("--app", default="Klipper", help='dictionary "app" (Klipper, Kalico)')
+    parser.add_argument("--kconfig", default=None, metavar="FILE",
+                        help="embed this build config (savedefconfig text) in the dictionary")
+    parser.add_argument("--compression", default="zlib", choices=("zlib", "bzip2"))
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
+    kconfig = None
+    if args.kconfig is not None:
+        with open(args.kconfig) as f:
+            kconfig = f.read()
     data = build(args.mcu, args.version, args.start, fmt=args.format, size=args.size,
-                 ram_top=args.ram_top, link=args.link)
+                 ram_top=args.ram_top, link=args.link, app=args.app, kconfig=kconfig,
+                 compression=args.compression)
     with open(args.output, "wb") as f:
         f.write(data)
     return 0
