@@ -1,0 +1,185 @@
+/* Implementation of ptyowner.h.  Finding the holders of a pty master walks
+ * every /proc/PID/fd, stats each fd and reads the fdinfo of those that are
+ * /dev/ptmx: a few thousand system calls on a busy host, so callers do it
+ * when something changed, not on a timer.  Processes we may not inspect
+ * are skipped (the daemon runs as root, so in practice none are). */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include "shared/macro.h"
+#include "transport/ptyowner.h"
+
+#define PTY_SLAVE_MAJOR_FIRST 136    /* UNIX98_PTY_SLAVE_MAJOR */
+#define PTY_SLAVE_MAJORS 8
+#define PTMX_MAJOR 5
+#define PTMX_MINOR 2
+#define FDINFO_MAX 4096
+
+static void closedirp(DIR **d) {
+        if (*d)
+                closedir(*d);
+}
+
+int pty_slave_index(dev_t rdev) {
+        unsigned maj = major(rdev);
+
+        if (maj < PTY_SLAVE_MAJOR_FIRST || maj >= PTY_SLAVE_MAJOR_FIRST + PTY_SLAVE_MAJORS)
+                return -1;
+        return (int) ((maj - PTY_SLAVE_MAJOR_FIRST) * 256 + minor(rdev));
+}
+
+bool pty_is_ptmx(dev_t rdev) {
+        return major(rdev) == PTMX_MAJOR && minor(rdev) == PTMX_MINOR;
+}
+
+int pty_fdinfo_tty_index(const char *text) {
+        static const char key[] = "tty-index:";
+
+        const char *line = text;
+
+        while (line && *line) {
+                const char *p;
+                char *end;
+                long v;
+
+                if (strncmp(line, key, sizeof(key) - 1) != 0) {
+                        line = strchr(line, '\n');
+                        line = line ? line + 1 : NULL;
+                        continue;
+                }
+                p = line + sizeof(key) - 1;
+                p += strspn(p, " \t");
+                if (*p < '0' || *p > '9')
+                        return -EBADMSG;
+                errno = 0;
+                v = strtol(p, &end, 10);
+                if (errno != 0 || v > INT_MAX || (*end != '\n' && *end != '\0'))
+                        return -EBADMSG;
+                return (int) v;
+        }
+        return -ENOENT;
+}
+
+int pty_master_index(pid_t pid, const char *fd_name) {
+        char path[64], text[FDINFO_MAX];
+        _cleanup_close_ int fd = -1;
+        size_t len = 0;
+        ssize_t n = 0;
+
+        snprintf(path, sizeof(path), "/proc/%d/fdinfo/%s", (int) pid, fd_name);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        while (len < sizeof(text) - 1 && (n = read(fd, text + len, sizeof(text) - 1 - len)) > 0)
+                len += (size_t) n;
+        if (n < 0)
+                return -errno;
+        text[len] = 0;
+        return pty_fdinfo_tty_index(text);
+}
+
+int pty_process_holds_master(pid_t pid, int index) {
+        _cleanup_(closedirp) DIR *fds = NULL;
+        char path[64];
+        struct dirent *e;
+
+        snprintf(path, sizeof(path), "/proc/%d/fd", (int) pid);
+        fds = opendir(path);
+        if (!fds)
+                return errno == ENOENT ? -ESRCH : -errno;
+        while ((e = readdir(fds))) {
+                struct stat st;
+
+                if (e->d_name[0] == '.')
+                        continue;
+                if (fstatat(dirfd(fds), e->d_name, &st, 0) < 0 || !S_ISCHR(st.st_mode) || !pty_is_ptmx(st.st_rdev))
+                        continue;
+                if (pty_master_index(pid, e->d_name) == index)
+                        return 1;
+        }
+        return 0;
+}
+
+int pty_find_master_holders(int index, pid_t *pids, size_t max) {
+        _cleanup_(closedirp) DIR *proc = NULL;
+        struct dirent *e;
+        int n = 0;
+
+        if (index < 0)
+                return -EINVAL;
+        proc = opendir("/proc");
+        if (!proc)
+                return -errno;
+        while ((e = readdir(proc))) {
+                char *end;
+                long pid = strtol(e->d_name, &end, 10);
+
+                if (*end || pid <= 0)
+                        continue;
+                if (pty_process_holds_master((pid_t) pid, index) > 0) {
+                        if ((size_t) n < max)
+                                pids[n] = (pid_t) pid;
+                        n++;
+                }
+        }
+        return n;
+}
+
+int process_identity_read(pid_t pid, struct process_identity *ret) {
+        static const char deleted[] = " (deleted)";
+        char path[64];
+        _cleanup_close_ int fd = -1;
+        ssize_t n;
+
+        *ret = (struct process_identity) {};
+        snprintf(path, sizeof(path), "/proc/%d/comm", (int) pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return errno == ENOENT ? -ESRCH : -errno;
+        n = read(fd, ret->comm, sizeof(ret->comm) - 1);
+        if (n < 0)
+                return -errno;
+        ret->comm[n] = 0;
+        ret->comm[strcspn(ret->comm, "\n")] = 0;
+
+        /* Kernel threads and zombies have no executable: "" then. */
+        snprintf(path, sizeof(path), "/proc/%d/exe", (int) pid);
+        n = readlink(path, ret->exe, sizeof(ret->exe) - 1);
+        if (n < 0) {
+                ret->exe[0] = 0;
+                return 0;
+        }
+        ret->exe[n] = 0;
+        if ((size_t) n > sizeof(deleted) - 1 && streq(ret->exe + n - (sizeof(deleted) - 1), deleted)) {
+                ret->exe[n - (sizeof(deleted) - 1)] = 0;
+                ret->exe_deleted = true;
+        }
+        return 0;
+}
+
+/* Does the name the kernel gives a program started from a file called
+ * @file (its first 15 bytes) equal @comm? */
+static bool comm_names_file(const char *comm, const char *file) {
+        size_t len = strlen(file);
+
+        if (len > 15)
+                len = 15;
+        return len > 0 && strlen(comm) == len && strncmp(comm, file, len) == 0;
+}
+
+bool process_is_program(const struct process_identity *id, const char *program) {
+        const char *base;
+
+        if (!isempty(program) && streq(id->exe, program))
+                return true;
+        base = program ? strrchr(program, '/') : NULL;
+        base = base ? base + 1 : program;
+        return comm_names_file(id->comm, "klipper_mcu") || (!isempty(base) && comm_names_file(id->comm, base));
+}
