@@ -59,16 +59,17 @@ def pty_index(path):
 class LinuxMcuProcess:
     """A running klipper_mcu simulator (see the module docstring): .pid,
     .pts (/dev/pts/N it serves), .index (N), rx_bytes (asked from the
-    process).  stop()/terminate() send SIGTERM, kill() SIGKILL; the link
+    process).  @interpreter is the Python executable it runs as (its
+    /proc/PID/exe), @name its process name.  stop()/terminate() send SIGTERM, kill() SIGKILL; the link
     stays in every case, as the real program leaves it."""
 
-    def __init__(self, link, version, name="klipper_mcu", ready_timeout=20):
+    def __init__(self, link, version, name="klipper_mcu", interpreter="/usr/bin/python3", ready_timeout=20):
         self.link = link
         self.version = version
         env = dict(os.environ)
         for k in ("LD_PRELOAD", "UMOCKDEV_DIR"):
             env.pop(k, None)
-        self.proc = subprocess.Popen(["/usr/bin/python3", os.path.join(HERE, "linux_mcu.py"), "--link", link,
+        self.proc = subprocess.Popen([interpreter, os.path.join(HERE, "linux_mcu.py"), "--link", link,
                                       "--version", version, "--name", name],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
                                      bufsize=1)
@@ -144,6 +145,7 @@ class LinuxMcuService:
         self.restart_delay = restart_delay
         self.broken = set(broken)
         self.process = None
+        self.pids = []                  # of every klipper_mcu it started
         self._started = []
         self._seen = 0
         self._stop = threading.Event()
@@ -167,6 +169,7 @@ class LinuxMcuService:
             self._started.append(None)
             return
         self.process = LinuxMcuProcess(self.link, version)
+        self.pids.append(self.process.pid)
         self._started.append(version)
 
     def _watch(self):
