@@ -10,7 +10,8 @@
  * (transport/ptyowner.c): there is an MCU with transport "linux" behind the
  * link while that process is the Klipper Linux MCU program — it runs
  * [Mcu ID] Program= (default /usr/local/bin/klipper_mcu), or its name is
- * klipper_mcu or Program='s file name.  That process is watched with a
+ * klipper_mcu or Program='s file name and it runs as root or as Program='s
+ * owner (process_is_program()).  That process is watched with a
  * pidfd on the loop: when it exits the MCU is offline at once.  A pty whose
  * master anything else holds is never opened (the MCU is offline, or not
  * there, and the log says why, once); identify checks the owner again
@@ -97,8 +98,10 @@ static int link_owner(const char *path, const char *program, pid_t *ret_pid, int
         struct process_identity id;
         pid_t pids[HOLDERS_MAX], program_pid = 0;
         struct stat st;
+        uid_t program_owner;
         int index, n;
 
+        program_owner = stat(program, &st) >= 0 ? st.st_uid : (uid_t) -1;
         if (lstat(path, &st) < 0) {
                 snprintf(why, why_size, "there is no %s: klipper_mcu is not running", path);
                 return 0;
@@ -124,10 +127,11 @@ static int link_owner(const char *path, const char *program, pid_t *ret_pid, int
         for (int i = 0; i < n; i++) {
                 if (process_identity_read(pids[i], &id) < 0)
                         continue;       /* exited meanwhile: it holds nothing now */
-                if (!process_is_program(&id, program)) {
-                        snprintf(why, why_size, "%s leads to /dev/pts/%d, a terminal of %s (pid %d%s%.300s), not "
-                                 "of klipper_mcu: a link left behind by a klipper_mcu that stopped; not opened",
-                                 path, index, id.comm, (int) pids[i], isempty(id.exe) ? "" : ", ", id.exe);
+                if (!process_is_program(&id, program, program_owner)) {
+                        snprintf(why, why_size, "%s leads to /dev/pts/%d, a terminal of %s (pid %d, user %u%s%.300s), "
+                                 "not of klipper_mcu (%.300s): a link left behind by a klipper_mcu that stopped, or "
+                                 "made by another program; not opened", path, index, id.comm, (int) pids[i],
+                                 (unsigned) id.uid, isempty(id.exe) ? "" : ", ", id.exe, program);
                         return 0;
                 }
                 if (program_pid == 0)
@@ -157,6 +161,7 @@ static void on_program_exit(evutil_socket_t fd, short what, void *userdata) {
  * 0, or -ESRCH when it is gone (or no longer that) by now. */
 static int link_watch(struct linux_link *l, pid_t pid, int index, const char *program) {
         struct process_identity id;
+        struct stat st;
         int fd;
 
         link_unwatch(l);
@@ -170,7 +175,7 @@ static int link_watch(struct linux_link *l, pid_t pid, int index, const char *pr
         /* The pid may have been reused between the look and pidfd_open():
          * the pidfd's process must still be the program holding the pty. */
         if (pty_process_holds_master(pid, index) <= 0 || process_identity_read(pid, &id) < 0 ||
-            !process_is_program(&id, program)) {
+            !process_is_program(&id, program, stat(program, &st) >= 0 ? st.st_uid : (uid_t) -1)) {
                 safe_close(fd);
                 return -ESRCH;
         }
@@ -240,7 +245,7 @@ static void link_refuse(struct linux_link *l, const char *why) {
 /* Look at the link again and act on what is behind it now. */
 static void link_update(struct linux_link *l) {
         const char *program = config_mcu_get(l->daemon->config, l->mcu_id, "Program") ?: DEFAULT_LINUX_MCU_PROGRAM;
-        char why[512];
+        char why[2048];
         pid_t pid = 0;
         int index = 0, r;
 

@@ -132,13 +132,45 @@ int pty_find_master_holders(int index, pid_t *pids, size_t max) {
         return n;
 }
 
+/* The effective user of @pid, from the "Uid:" line of /proc/PID/status
+ * (real, effective, saved, fs); the owner of /proc/PID is root for a
+ * process that dropped root's rights, so it does not tell. */
+static int process_euid(pid_t pid, uid_t *ret) {
+        char path[64], text[FDINFO_MAX];
+        _cleanup_close_ int fd = -1;
+        unsigned long real, effective;
+        size_t len = 0;
+        ssize_t n = 0;
+        const char *line;
+
+        snprintf(path, sizeof(path), "/proc/%d/status", (int) pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return errno == ENOENT ? -ESRCH : -errno;
+        while (len < sizeof(text) - 1 && (n = read(fd, text + len, sizeof(text) - 1 - len)) > 0)
+                len += (size_t) n;
+        if (n < 0)
+                return errno == ESRCH ? -ESRCH : -errno;
+        text[len] = 0;
+        line = strstr(text, "\nUid:");
+        if (!line || sscanf(line + 5, "%lu %lu", &real, &effective) != 2)
+                return -EBADMSG;
+        *ret = (uid_t) effective;
+        return 0;
+}
+
 int process_identity_read(pid_t pid, struct process_identity *ret) {
         static const char deleted[] = " (deleted)";
         char path[64];
         _cleanup_close_ int fd = -1;
         ssize_t n;
 
+        int r;
+
         *ret = (struct process_identity) {};
+        r = process_euid(pid, &ret->uid);
+        if (r < 0)
+                return r;
         snprintf(path, sizeof(path), "/proc/%d/comm", (int) pid);
         fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
@@ -174,11 +206,13 @@ static bool comm_names_file(const char *comm, const char *file) {
         return len > 0 && strlen(comm) == len && strncmp(comm, file, len) == 0;
 }
 
-bool process_is_program(const struct process_identity *id, const char *program) {
+bool process_is_program(const struct process_identity *id, const char *program, uid_t program_owner) {
         const char *base;
 
         if (!isempty(program) && streq(id->exe, program))
                 return true;
+        if (id->uid != 0 && (program_owner == (uid_t) -1 || id->uid != program_owner))
+                return false;
         base = program ? strrchr(program, '/') : NULL;
         base = base ? base + 1 : program;
         return comm_names_file(id->comm, "klipper_mcu") || (!isempty(base) && comm_names_file(id->comm, base));

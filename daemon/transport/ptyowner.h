@@ -43,14 +43,17 @@ struct process_identity {
         char exe[PATH_MAX];     /* /proc/PID/exe without " (deleted)"; "" if unknown */
         bool exe_deleted;       /* the file it runs was replaced or removed since */
         char comm[16];          /* /proc/PID/comm: the name the kernel gave it */
+        uid_t uid;              /* its effective user */
 };
 
-/* Read @pid's executable and name.  -errno (-ENOENT/-ESRCH: exited). */
+/* Read @pid's executable, name and user.  -errno (-ESRCH: exited). */
 int process_identity_read(pid_t pid, struct process_identity *ret);
 
 /* Is a process with identity @id the Klipper Linux MCU program installed
- * at @program (an absolute path)?  Yes when it runs @program (also after a
- * new program was installed over the one it started from), or when its
+ * at @program (an absolute path) and owned by @program_owner ((uid_t) -1
+ * when there is no such file)?  Yes when it runs @program (also after a
+ * new program was installed over the one it started from).  Else when its
  * name is that of @program's file or "klipper_mcu" (as the kernel names a
- * program started from such a file, the first 15 bytes). */
-bool process_is_program(const struct process_identity *id, const char *program);
+ * program started from such a file, the first 15 bytes) — a name anybody
+ * can take, so only for a process of root or of @program_owner. */
+bool process_is_program(const struct process_identity *id, const char *program, uid_t program_owner);

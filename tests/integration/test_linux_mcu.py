@@ -33,8 +33,9 @@ PROMPTLY = 5
 def linux_mcu(tmp_path):
     started = []
 
-    def start(version=HOST, name="klipper_mcu", interpreter="/usr/bin/python3"):
-        p = LinuxMcuProcess(str(tmp_path / "klipper_host_mcu"), version, name=name, interpreter=interpreter)
+    def start(version=HOST, name="klipper_mcu", interpreter="/usr/bin/python3", user=None):
+        p = LinuxMcuProcess(str(tmp_path / "klipper_host_mcu"), version, name=name, interpreter=interpreter,
+                            user=user)
         started.append(p)
         return p
     yield start
@@ -235,6 +236,21 @@ def test_linux_mcu_pty_of_another_program_is_not_identified(tmp_path, klipper_ch
     assert dbus_client.list_mcus() == []
     assert other.rx_bytes == 0
     assert "socat (pid %d" % other.pid in d.log()
+
+
+def test_linux_mcu_name_taken_by_another_user_is_not_enough(tmp_path, klipper_checkout, printer_cfg, daemon,
+                                                           dbus_client, wait_for, linux_mcu):
+    """Anybody can name a process klipper_mcu and make the link in /tmp: the
+    name counts only for root's processes (and the owner of Program='s
+    file); a user's is refused, its pty not opened."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the simulator as another user")
+    link, d = start_daemon(tmp_path, klipper_checkout, printer_cfg, daemon)
+    fake = linux_mcu(user=65534)
+    wait_for(lambda: "not of klipper_mcu" in d.log(), timeout=15, what="the refusal in the log")
+    assert "klipper_mcu (pid %d, user 65534" % fake.pid in d.log()
+    assert dbus_client.list_mcus() == []
+    assert fake.rx_bytes == 0
 
 
 def test_linux_mcu_program_is_recognised_by_the_executable_it_runs(tmp_path, klipper_checkout, printer_cfg,

@@ -16,7 +16,7 @@ another name, to play a program that is not klipper_mcu.
 
 Command line (what LinuxMcuProcess runs):
   /usr/bin/python3 tests/sim/linux_mcu.py --link /tmp/klipper_host_mcu \\
-      --version v0.13.0-46-g8c72b4a5 [--name klipper_mcu]
+      --version v0.13.0-46-g8c72b4a5 [--name klipper_mcu] [--user UID]
 It prints "ready /dev/pts/N" once the link is in place, then answers the
 line "stats" on stdin with one JSON line of KlipperMcu's counters (rx_bytes,
 tx_bytes, requests); it exits on SIGTERM, SIGKILL or the end of stdin (the
@@ -60,17 +60,20 @@ class LinuxMcuProcess:
     """A running klipper_mcu simulator (see the module docstring): .pid,
     .pts (/dev/pts/N it serves), .index (N), rx_bytes (asked from the
     process).  @interpreter is the Python executable it runs as (its
-    /proc/PID/exe), @name its process name.  stop()/terminate() send SIGTERM, kill() SIGKILL; the link
+    /proc/PID/exe), @name its process name, @user (a uid) whom it runs as
+    once its pty and link are made.  stop()/terminate() send SIGTERM, kill() SIGKILL; the link
     stays in every case, as the real program leaves it."""
 
-    def __init__(self, link, version, name="klipper_mcu", interpreter="/usr/bin/python3", ready_timeout=20):
+    def __init__(self, link, version, name="klipper_mcu", interpreter="/usr/bin/python3", user=None,
+                 ready_timeout=20):
         self.link = link
         self.version = version
         env = dict(os.environ)
         for k in ("LD_PRELOAD", "UMOCKDEV_DIR"):
             env.pop(k, None)
         self.proc = subprocess.Popen([interpreter, os.path.join(HERE, "linux_mcu.py"), "--link", link,
-                                      "--version", version, "--name", name],
+                                      "--version", version, "--name", name]
+                                     + (["--user", str(user)] if user is not None else []),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
                                      bufsize=1)
         line = self._readline(ready_timeout)
@@ -207,6 +210,7 @@ def main(argv=None):
     ap.add_argument("--link", required=True, help="the symlink to make to the pty slave")
     ap.add_argument("--version", required=True)
     ap.add_argument("--name", default="klipper_mcu", help="the process name (comm)")
+    ap.add_argument("--user", type=int, default=None, help="uid to run as once the link is made")
     args = ap.parse_args(argv)
 
     set_process_name(args.name)
@@ -219,6 +223,10 @@ def main(argv=None):
     if os.path.lexists(args.link):
         os.unlink(args.link)
     os.symlink(slave_name, args.link)
+    if args.user is not None:
+        os.setgroups([])
+        os.setresgid(args.user, args.user, args.user)
+        os.setresuid(args.user, args.user, args.user)
     sim = KlipperMcu(master, version=args.version, mcu="linux", link="serial").start()
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))   # the link stays
     print("ready %s" % slave_name, flush=True)

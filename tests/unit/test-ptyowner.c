@@ -65,32 +65,42 @@ static void test_is_program(void **state) {
 
         /* The real program, also when it was replaced while running. */
         id = identity(program, "klipper_mcu");
-        assert_true(process_is_program(&id, program));
+        assert_true(process_is_program(&id, program, 0));
         id.exe_deleted = true;
-        assert_true(process_is_program(&id, program));
+        assert_true(process_is_program(&id, program, 0));
         /* Program= elsewhere, under another name. */
         id = identity("/opt/klipper/out/klipper.elf", "klipper.elf");
-        assert_true(process_is_program(&id, "/opt/klipper/out/klipper.elf"));
-        assert_false(process_is_program(&id, program));
+        assert_true(process_is_program(&id, "/opt/klipper/out/klipper.elf", 0));
+        assert_false(process_is_program(&id, program, 0));
         /* Started as klipper_mcu from anywhere (or named so, as the
          * simulator is). */
         id = identity("/usr/bin/python3.11", "klipper_mcu");
-        assert_true(process_is_program(&id, program));
-        assert_true(process_is_program(&id, "/opt/klipper/out/klipper.elf"));
+        assert_true(process_is_program(&id, program, 0));
+        assert_true(process_is_program(&id, "/opt/klipper/out/klipper.elf", 0));
         /* Program='s own file name, cut to 15 bytes as the kernel does. */
         id = identity("/usr/bin/python3.11", "klipper_mcu_tes");
-        assert_true(process_is_program(&id, "/srv/klipper_mcu_testing"));
-        assert_false(process_is_program(&id, program));
+        assert_true(process_is_program(&id, "/srv/klipper_mcu_testing", 0));
+        assert_false(process_is_program(&id, program, 0));
         /* Strangers: a shell, tmux, a name that only starts alike. */
         id = identity("/usr/bin/bash", "bash");
-        assert_false(process_is_program(&id, program));
+        assert_false(process_is_program(&id, program, 0));
         id = identity("/usr/bin/tmux", "tmux: server");
-        assert_false(process_is_program(&id, program));
+        assert_false(process_is_program(&id, program, 0));
         id = identity("/usr/bin/python3.11", "klipper_mcu2");
-        assert_false(process_is_program(&id, program));
+        assert_false(process_is_program(&id, program, 0));
         id = identity("", "");
-        assert_false(process_is_program(&id, program));
-        assert_false(process_is_program(&id, ""));
+        assert_false(process_is_program(&id, program, 0));
+        /* The name is anybody's to take: it counts for root's processes
+         * and the program file owner's only; running the file always does. */
+        id = identity("/usr/bin/python3.11", "klipper_mcu");
+        id.uid = 1000;
+        assert_false(process_is_program(&id, program, 0));
+        assert_false(process_is_program(&id, program, (uid_t) -1));
+        assert_true(process_is_program(&id, program, 1000));
+        id = identity(program, "klipper_mcu");
+        id.uid = 1000;
+        assert_true(process_is_program(&id, program, 0));
+        assert_false(process_is_program(&id, "", 0));
 }
 
 static int open_pty(int *ret_index) {
@@ -135,7 +145,8 @@ static void test_live_pty(void **state) {
         assert_string_equal(id.exe, exe);
         assert_false(id.exe_deleted);
         assert_string_equal(id.comm, "test-ptyowner");
-        assert_false(process_is_program(&id, "/usr/local/bin/klipper_mcu"));
+        assert_int_equal(id.uid, geteuid());
+        assert_false(process_is_program(&id, "/usr/local/bin/klipper_mcu", 0));
 
         close(master);
         assert_int_equal(pty_process_holds_master(getpid(), index), 0);
@@ -170,7 +181,7 @@ static void test_child_named_klipper_mcu(void **state) {
         assert_false(holders_include(index, getpid()));
         assert_int_equal(process_identity_read(pid, &id), 0);
         assert_string_equal(id.comm, "klipper_mcu");
-        assert_true(process_is_program(&id, "/usr/local/bin/klipper_mcu"));
+        assert_true(process_is_program(&id, "/usr/local/bin/klipper_mcu", 0));
 
         kill(pid, SIGKILL);
         waitpid(pid, NULL, 0);
