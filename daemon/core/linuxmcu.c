@@ -18,6 +18,7 @@
  * around its open (serial_transport_open_pty()).  A new klipper_mcu makes a
  * new link, which the path watch reports. */
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -149,11 +150,21 @@ static int link_owner(const char *path, const char *program, pid_t *ret_pid, int
 
 static void link_update(struct linux_link *l);
 
+/* Stop watching the program, saying so when it has exited: its exit and
+ * a new klipper_mcu's link may come in the same turn of the loop, the
+ * link first. */
+static void link_forget(struct linux_link *l) {
+        struct pollfd exited = { .fd = l->pidfd, .events = POLLIN };
+
+        if (l->pid > 0 && l->pidfd >= 0 && poll(&exited, 1, 0) > 0)
+                log_info("%s: klipper_mcu (pid %d) behind %s exited.", l->mcu_id, (int) l->pid, l->path);
+        link_unwatch(l);
+}
+
 static void on_program_exit(evutil_socket_t fd, short what, void *userdata) {
         struct linux_link *l = userdata;
 
-        log_info("%s: klipper_mcu (pid %d) behind %s exited.", l->mcu_id, (int) l->pid, l->path);
-        link_unwatch(l);
+        link_forget(l);
         link_update(l);
 }
 
@@ -164,7 +175,7 @@ static int link_watch(struct linux_link *l, pid_t pid, int index, const char *pr
         struct stat st;
         int fd;
 
-        link_unwatch(l);
+        link_forget(l);
         fd = (int) syscall(__NR_pidfd_open, pid, 0);
         if (fd < 0) {
                 if (errno == ESRCH)
@@ -227,7 +238,7 @@ static void link_refuse(struct linux_link *l, const char *why) {
         struct daemon *d = l->daemon;
         struct mcu *m = find_linux_mcu(d, l->path);
 
-        link_unwatch(l);
+        link_forget(l);
         if (!streq_ptr(l->told, why)) {
                 log_info("%s: %s.", l->mcu_id, why);
                 (void) free_and_strdup(&l->told, why);

@@ -1,5 +1,5 @@
 /* Implementation of ptyowner.h.  Finding the holders of a pty master walks
- * every /proc/PID/fd, stats each fd and reads the fdinfo of those that are
+ * every /proc/PID/fd, reads each fd's link and the fdinfo of those that are
  * /dev/ptmx: a few thousand system calls on a busy host, so callers do it
  * when something changed, not on a timer.  Processes we may not inspect
  * are skipped (the daemon runs as root, so in practice none are). */
@@ -85,6 +85,23 @@ int pty_master_index(pid_t pid, const char *fd_name) {
         return pty_fdinfo_tty_index(text);
 }
 
+/* Is fd @name in the /proc/PID/fd directory @dir a /dev/ptmx?  The link's
+ * text is looked at first: a stat() of every fd's file could hang on a
+ * dead network mount, a stat() of a device node cannot. */
+static bool fd_is_ptmx(DIR *dir, const char *name) {
+        char target[64];
+        struct stat st;
+        ssize_t n;
+
+        n = readlinkat(dirfd(dir), name, target, sizeof(target) - 1);
+        if (n < 0)
+                return false;
+        target[n] = 0;
+        if (!startswith(target, "/dev/") || n < 5 || !streq(target + n - 5, "/ptmx"))
+                return false;
+        return fstatat(dirfd(dir), name, &st, 0) >= 0 && S_ISCHR(st.st_mode) && pty_is_ptmx(st.st_rdev);
+}
+
 int pty_process_holds_master(pid_t pid, int index) {
         _cleanup_(closedirp) DIR *fds = NULL;
         char path[64];
@@ -95,11 +112,7 @@ int pty_process_holds_master(pid_t pid, int index) {
         if (!fds)
                 return errno == ENOENT ? -ESRCH : -errno;
         while ((e = readdir(fds))) {
-                struct stat st;
-
-                if (e->d_name[0] == '.')
-                        continue;
-                if (fstatat(dirfd(fds), e->d_name, &st, 0) < 0 || !S_ISCHR(st.st_mode) || !pty_is_ptmx(st.st_rdev))
+                if (e->d_name[0] == '.' || !fd_is_ptmx(fds, e->d_name))
                         continue;
                 if (pty_master_index(pid, e->d_name) == index)
                         return 1;
