@@ -36,8 +36,10 @@ void daemon_tty_removed(void *userdata, const char *syspath);
 void daemon_usb_added(void *userdata, const struct udev_usb_info *info);
 void daemon_usb_removed(void *userdata, const char *syspath);
 
-/* Linux process MCU paths (linuxmcu.c). */
+/* Linux process MCU paths (linuxmcu.c): watch those printer.cfg names now;
+ * stop watching at exit. */
 int daemon_linux_mcus_update(struct daemon *d);
+void daemon_linux_mcus_free(struct daemon *d);
 
 /* CAN interfaces and nodes (can.c). */
 int daemon_can_start(struct daemon *d);

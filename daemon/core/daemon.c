@@ -248,6 +248,7 @@ struct daemon *daemon_free(struct daemon *d) {
         jobs_free_all(d);
         d->udev = udev_discovery_free(d->udev);
         d->path_watch = path_watch_free(d->path_watch);
+        daemon_linux_mcus_free(d);
         daemon_can_stop(d);
         daemon_host_stop(d);
         bus_disconnect(d);

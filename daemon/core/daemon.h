@@ -23,6 +23,7 @@ struct bus_loop;
 struct can_iface;
 struct klippy_client;
 struct job;
+struct linux_links;
 
 struct daemon {
         struct event_base *base;
@@ -38,6 +39,7 @@ struct daemon {
         struct worker_pool *workers;
         struct udev_discovery *udev;
         struct path_watch *path_watch;  /* Linux process MCU ptys */
+        struct linux_links *linux_links; /* linuxmcu.c: the klipper_mcu behind each */
         struct can_watch *can_watch;
         struct can_iface *can_ifaces;   /* core/can.c's list */
         struct klippy_client *klippy;   /* NULL without ApiSocket= */
