@@ -17,6 +17,7 @@
 #include "core/job.h"
 #include "core/version.h"
 #include "shared/log.h"
+#include "shared/strutil.h"
 #include "build-config.h"
 
 
@@ -38,7 +39,7 @@ static int host_version_run(void *userdata) {
 void daemon_set_host_version(struct daemon *d, const char *version) {
         const char *v = (isempty(version) || streq(version, "?")) ? "" : version;
 
-        if (free_and_strdup(&d->host_version, v) <= 0)
+        if (free_and_strdup_utf8(&d->host_version, v) <= 0)
                 return;
         log_info("Host Klipper version: %s", isempty(v) ? "unknown" : v);
         bus_manager_emit_changed(d, "HostVersion");
