@@ -20,6 +20,7 @@
 #include "discover/udev.h"
 
 struct bus_loop;
+struct printercfg_read;
 struct can_iface;
 struct klippy_client;
 struct job;
@@ -29,6 +30,7 @@ struct daemon {
         struct config *config;
         char *config_path;
         struct printercfg *printercfg;  /* NULL when none configured or readable */
+        struct printercfg_read *printercfg_read;        /* the read in progress (daemon.c), or NULL */
         char *host_version;             /* "" while unknown */
         bool host_version_pending;
         char *printer_state;            /* Manager.PrinterState; "unknown" without the klippy API */
