@@ -146,8 +146,11 @@ static void printercfg_read_done(void *userdata, int result) {
         }
         d->printercfg_read = NULL;
         d->printercfg = printercfg_free(d->printercfg);
-        if (result < 0)
-                log_warning_errno(result, "printer.cfg %s is not used: %m (see above); MCUs are shown without names.",
+        if (result == -E2BIG || result == -EFBIG)
+                log_warning("printer.cfg %s is not used: it exceeds a bound (see above); "
+                            "MCUs are shown without names.", req->path);
+        else if (result < 0)
+                log_warning_errno(result, "printer.cfg %s is not used: %m; MCUs are shown without names.",
                                   req->path);
         else {
                 if (req->result->n_warnings > 0)
