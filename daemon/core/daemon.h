@@ -63,7 +63,8 @@ struct daemon {
         int exit_code;
 };
 
-/* Read configuration and printer.cfg, create the loop and the registry.
+/* Read the configuration, create the loop and the registry, start reading
+ * printer.cfg in a worker (daemon_run() waits a few seconds for it).
  * No device is touched and no bus is connected yet. */
 int daemon_new(const char *config_path, struct daemon **ret);
 struct daemon *daemon_free(struct daemon *d);
