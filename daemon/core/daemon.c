@@ -105,6 +105,7 @@ struct printercfg_read {
         char *path;
         atomic_bool cancel;
         bool rediscover;        /* enumerate ttys again when done (start-up, Rescan) */
+        uid_t reader;           /* whose read rights count (printercfg.h) */
         struct printercfg *result;
 };
 
@@ -117,7 +118,7 @@ static void printercfg_read_free(struct printercfg_read *req) {
 static int printercfg_read_run(void *userdata) {
         struct printercfg_read *req = userdata;
 
-        return printercfg_load_cancellable(req->path, &req->cancel, &req->result);
+        return printercfg_load_cancellable(req->path, req->reader, &req->cancel, &req->result);
 }
 
 /* Give every MCU its name from the printer.cfg now in place, and look
@@ -187,6 +188,9 @@ static void daemon_load_printercfg(struct daemon *d, bool rediscover) {
         }
         req->daemon = d;
         req->rediscover = rediscover;
+        /* PrinterConfig= is root's choice: its owner is the Klipper user.
+         * The file klippy names is read with klippy's rights. */
+        req->reader = !d->config->printer_config && d->klippy_uid_known ? d->klippy_uid : PRINTERCFG_OWNER;
         atomic_init(&req->cancel, false);
         r = worker_start(d->workers, printercfg_read_run, printercfg_read_done, req);
         if (r < 0) {

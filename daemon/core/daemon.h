@@ -43,6 +43,8 @@ struct daemon {
         struct can_iface *can_ifaces;   /* core/can.c's list */
         struct klippy_client *klippy;   /* NULL without ApiSocket= */
         char *klippy_config_file;       /* printer.cfg as klippy names it */
+        uid_t klippy_uid;               /* klippy's user (SO_PEERCRED), if klippy_uid_known */
+        bool klippy_uid_known;
         struct event *klippy_settle_timer;
         bool klipper_running;           /* the klippy API is connected */
         bool klippy_says_stopped;       /* the klippy API is configured and no Klipper runs */

@@ -162,6 +162,7 @@ static void host_state_changed(void *userdata, const struct klippy_status *st) {
          * read is done (daemon_host_printercfg_changed()). */
         if (isempty(d->config->printer_config) && !isempty(st->config_file) &&
             free_and_strdup(&d->klippy_config_file, st->config_file) > 0) {
+                d->klippy_uid_known = klippy_client_peer_uid(d->klippy, &d->klippy_uid) >= 0;
                 log_info("Reading MCU names from %s, the printer.cfg klippy runs.", st->config_file);
                 daemon_reload_printercfg(d);
         }

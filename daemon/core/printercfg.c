@@ -25,7 +25,9 @@
  * the Klipper user, so the reader trusts none of it:
  *
  *  - Whose files: the owner of the top file (after following symlinks) is
- *    taken to be the Klipper user.  Unless that is root, a file is used only
+ *    taken to be the Klipper user; for the path klippy reports, the uid of
+ *    klippy's process (SO_PEERCRED of its API socket), who must be able to
+ *    read the top file too.  Unless that is root, a file is used only
  *    if that user could read it by its mode bits — owner, group (primary
  *    and supplementary groups from the user database) or other — and could
  *    search every directory above it (checked on the real path of the
@@ -102,6 +104,7 @@ struct open_file {
 
 /* The Klipper user, as far as file access goes. */
 struct reader {
+        bool set;               /* known before the top file is opened */
         bool unrestricted;      /* the owner is root (or whoever this process is) */
         uid_t uid;
         gid_t *groups;          /* primary and supplementary groups */
@@ -842,12 +845,16 @@ static int parse_file(struct parser *p, const char *path, bool top) {
                 if (p->stack[i].dev == s.st_dev && p->stack[i].ino == s.st_ino)
                         return -ELOOP;
 
-        if (top) {
+        if (top && !p->reader.set) {
                 r = reader_init(&p->reader, s.st_uid);
                 if (r < 0)
                         return r;
-        } else if (!reader_may(&p->reader, &s, R_OK) || reader_may_reach(&p->reader, fd) < 0)
+        } else if (!reader_may(&p->reader, &s, R_OK) || reader_may_reach(&p->reader, fd) < 0) {
+                if (top)
+                        parser_error(p, "%s: Not readable for uid %u, whose printer.cfg it is said to be.",
+                                     path, (unsigned) p->reader.uid);
                 return -EACCES;
+        }
 
         if (++p->n_files > PRINTERCFG_MAX_FILES) {
                 parser_error(p, "%s: More than %u files read (includes count each time).", path,
@@ -966,11 +973,18 @@ static int mcu_from_section(struct parser *p, const struct section *s, struct pr
         return 0;
 }
 
-int printercfg_load_cancellable(const char *path, const atomic_bool *cancel, struct printercfg **ret) {
+int printercfg_load_cancellable(const char *path, uid_t reader, const atomic_bool *cancel,
+                                struct printercfg **ret) {
         _cleanup_(printercfg_freep) struct printercfg *cfg = NULL;
         struct parser p = { .cancel = cancel };
         int r;
 
+        if (reader != PRINTERCFG_OWNER) {
+                r = reader_init(&p.reader, reader);
+                if (r < 0)
+                        goto finish;
+                p.reader.set = true;
+        }
         r = parse_file(&p, path, true);
         if (r == -ELOOP)
                 r = -EIO;       /* cannot happen for the top file */
@@ -1002,7 +1016,7 @@ finish:
 }
 
 int printercfg_load(const char *path, struct printercfg **ret) {
-        return printercfg_load_cancellable(path, NULL, ret);
+        return printercfg_load_cancellable(path, PRINTERCFG_OWNER, NULL, ret);
 }
 
 struct printercfg *printercfg_free(struct printercfg *p) {

@@ -14,6 +14,7 @@
 
 #include <stdatomic.h>
 #include <stddef.h>
+#include <sys/types.h>
 
 #include "shared/macro.h"
 
@@ -47,7 +48,12 @@ struct printercfg {
  * (checked between files and includes), -ENOMEM.  open()/stat() errors of
  * @path itself are left to the caller to log; everything else is logged
  * here, naming file and line but never their content. */
-int printercfg_load_cancellable(const char *path, const atomic_bool *cancel, struct printercfg **ret);
+#define PRINTERCFG_OWNER ((uid_t) -1)
+/* @reader: whose read rights count.  PRINTERCFG_OWNER: the owner of @path
+ * (PrinterConfig=, chosen by root); a uid (klippy's, for the path klippy
+ * reports): then @path itself must be readable for that uid, too. */
+int printercfg_load_cancellable(const char *path, uid_t reader, const atomic_bool *cancel,
+                                struct printercfg **ret);
 int printercfg_load(const char *path, struct printercfg **ret);
 
 struct printercfg *printercfg_free(struct printercfg *p);

@@ -654,16 +654,45 @@ static void test_only_what_the_owner_may_read(void **state) {
         assert_int_equal(p->n_mcus, 4);
 }
 
+/* As root: the printer.cfg klippy reports is read with klippy's uid, and
+ * must be readable for it itself. */
+static void test_reader_uid_given(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *top = NULL, *secret = NULL;
+        struct printercfg *p = NULL;
+
+        if (geteuid() != 0)
+                skip();
+        assert_int_equal(chmod(f->dir, 0755), 0);
+        secret = write_file(f, "secret.cfg", "[mcu secret]\nserial: /dev/SECRET\n");
+        assert_int_equal(chmod(secret, 0600), 0);
+        top = write_file(f, "printer.cfg", "[mcu]\nserial: /dev/ttyACM0\n[include secret.cfg]\n");
+        assert_int_equal(chmod(top, 0644), 0);
+
+        /* Root's printer.cfg, but klippy runs as 65534: its rights count. */
+        assert_int_equal(printercfg_load_cancellable(top, 65534, NULL, &p), 0);
+        assert_int_equal(p->n_mcus, 1);
+        assert_int_equal(p->n_warnings, 1);
+        p = printercfg_free(p);
+
+        /* A top file that klippy's user cannot read is not used at all. */
+        assert_int_equal(printercfg_load_cancellable(secret, 65534, NULL, &p), -EACCES);
+        assert_null(p);
+        assert_int_equal(printercfg_load_cancellable(secret, 0, NULL, &p), 0);
+        assert_int_equal(p->n_mcus, 1);
+        printercfg_free(p);
+}
+
 static void test_cancel(void **state) {
         struct fixture *f = *state;
         _cleanup_free_ char *path = write_file(f, "printer.cfg", "[mcu]\nserial: /dev/ttyACM0\n");
         atomic_bool cancel = true;
         struct printercfg *p = NULL;
 
-        assert_int_equal(printercfg_load_cancellable(path, &cancel, &p), -ECANCELED);
+        assert_int_equal(printercfg_load_cancellable(path, PRINTERCFG_OWNER, &cancel, &p), -ECANCELED);
         assert_null(p);
         atomic_store(&cancel, false);
-        assert_int_equal(printercfg_load_cancellable(path, &cancel, &p), 0);
+        assert_int_equal(printercfg_load_cancellable(path, PRINTERCFG_OWNER, &cancel, &p), 0);
         printercfg_free(p);
 }
 
@@ -703,6 +732,7 @@ int main(void) {
                 unit_test_in_tmpdir(test_bound_glob),
                 unit_test_in_tmpdir(test_no_content_in_messages),
                 unit_test_in_tmpdir(test_only_what_the_owner_may_read),
+                unit_test_in_tmpdir(test_reader_uid_given),
                 unit_test_in_tmpdir(test_cancel),
                 unit_test_in_tmpdir(test_utf8_names),
         };
