@@ -109,6 +109,26 @@ struct printercfg_read {
         struct printercfg *result;
 };
 
+/* A Rescan waiting for the read it started (or a newer one) to finish. */
+struct rescan_waiter {
+        daemon_rescan_done_fn done;
+        void *userdata;
+        struct rescan_waiter *next;
+};
+
+static void daemon_finish_rescans(struct daemon *d, int result) {
+        struct rescan_waiter *w = d->rescan_waiters;
+
+        d->rescan_waiters = NULL;
+        while (w) {
+                struct rescan_waiter *next = w->next;
+
+                w->done(d, result, w->userdata);
+                free(w);
+                w = next;
+        }
+}
+
 static void printercfg_read_free(struct printercfg_read *req) {
         printercfg_free(req->result);
         free(req->path);
@@ -162,11 +182,12 @@ static void printercfg_read_done(void *userdata, int result) {
         }
         daemon_printercfg_changed(d, req->rediscover);
         printercfg_read_free(req);
+        daemon_finish_rescans(d, 0);
 }
 
 /* printer.cfg: PrinterConfig=, else the file klippy's API says it runs.
  * Starts reading it; the result follows on the loop. */
-static void daemon_load_printercfg(struct daemon *d, bool rediscover) {
+static void daemon_start_printercfg_read(struct daemon *d, bool rediscover) {
         const char *path = d->config->printer_config ?: d->klippy_config_file;
         struct printercfg_read *req;
         int r;
@@ -199,6 +220,13 @@ static void daemon_load_printercfg(struct daemon *d, bool rediscover) {
                 return;
         }
         d->printercfg_read = req;
+}
+
+static void daemon_load_printercfg(struct daemon *d, bool rediscover) {
+        daemon_start_printercfg_read(d, rediscover);
+        /* Without a read to wait for, waiting Rescans are complete. */
+        if (!d->printercfg_read)
+                daemon_finish_rescans(d, 0);
 }
 
 void daemon_reload_printercfg(struct daemon *d) {
@@ -265,8 +293,13 @@ void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
 
 /* ---- rescan ------------------------------------------------------------ */
 
-int daemon_rescan(struct daemon *d) {
+int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata) {
+        struct rescan_waiter *w;
         int r;
+
+        w = calloc(1, sizeof(*w));
+        if (!w)
+                return -ENOMEM;
 
         log_info("Rescanning.");
         /* Names and ttys that only the new printer.cfg gives follow when it
@@ -286,11 +319,12 @@ int daemon_rescan(struct daemon *d) {
         }
 
         r = udev_discovery_enumerate(d->udev);
-        if (r < 0)
+        if (r >= 0)
+                r = daemon_linux_mcus_update(d);
+        if (r < 0) {
+                free(w);
                 return r;
-        r = daemon_linux_mcus_update(d);
-        if (r < 0)
-                return r;
+        }
         daemon_can_rescan(d, NULL);
 
         /* Cold plug re-identifies what it (re)added; MCUs that stayed
@@ -298,6 +332,12 @@ int daemon_rescan(struct daemon *d) {
         for (size_t i = 0; i < d->registry->n_mcus; i++)
                 if (d->registry->mcus[i]->state_id == MCU_STATE_UNKNOWN)
                         daemon_start_identify(d, d->registry->mcus[i]);
+
+        /* Done when the names of the new printer.cfg are in place. */
+        *w = (struct rescan_waiter) { .done = done, .userdata = userdata, .next = d->rescan_waiters };
+        d->rescan_waiters = w;
+        if (!d->printercfg_read)
+                daemon_finish_rescans(d, 0);
         return 0;
 }
 
@@ -347,6 +387,7 @@ struct daemon *daemon_free(struct daemon *d) {
         if (d->printercfg_read)
                 atomic_store(&d->printercfg_read->cancel, true);
         d->workers = worker_pool_free(d->workers);
+        daemon_finish_rescans(d, -ESHUTDOWN);
         jobs_free_all(d);
         d->udev = udev_discovery_free(d->udev);
         d->path_watch = path_watch_free(d->path_watch);

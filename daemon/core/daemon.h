@@ -21,6 +21,7 @@
 
 struct bus_loop;
 struct printercfg_read;
+struct rescan_waiter;
 struct can_iface;
 struct klippy_client;
 struct job;
@@ -31,6 +32,7 @@ struct daemon {
         char *config_path;
         struct printercfg *printercfg;  /* NULL when none configured or readable */
         struct printercfg_read *printercfg_read;        /* the read in progress (daemon.c), or NULL */
+        struct rescan_waiter *rescan_waiters;           /* Rescans waiting for that read (daemon.c) */
         char *host_version;             /* "" while unknown */
         bool host_version_pending;
         char *printer_state;            /* Manager.PrinterState; "unknown" without the klippy API */
@@ -77,8 +79,13 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct daemon *, daemon_free);
 int daemon_run(struct daemon *d);
 
 /* Rescan: re-read printer.cfg and the host version, drop offline MCUs,
- * enumerate devices again and re-identify MCUs whose state is unknown. */
-int daemon_rescan(struct daemon *d);
+ * enumerate devices again and re-identify MCUs whose state is unknown.
+ * printer.cfg is read in a worker: @done(@d, 0, @userdata) follows on the
+ * loop once the names from it are in place (at once, from within this
+ * call, when there is no printer.cfg), or with -ESHUTDOWN when the daemon
+ * stops first.  A negative return is an error and @done is not called. */
+typedef void (*daemon_rescan_done_fn)(struct daemon *d, int result, void *userdata);
+int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata);
 
 /* Re-identify @m (Refresh).  Returns 0 when an identify runs (the answer
  * follows through bus_mcu_complete_refresh()), 1 when there is nothing to
