@@ -50,18 +50,30 @@ void daemon_set_host_version(struct daemon *d, const char *version) {
         }
 }
 
+static void daemon_read_host_version(struct daemon *d);
+
 static void host_version_done(void *userdata, int result) {
         struct host_version_request *req = userdata;
         struct daemon *d = req->daemon;
 
         if (result != -ECANCELED) {
                 d->host_version_pending = false;
+                if (d->host_version_reread) {
+                        /* The checkout may have changed after this read
+                         * began (a Rescan after a commit): read it again
+                         * rather than show what may be stale. */
+                        d->host_version_reread = false;
+                        daemon_read_host_version(d);
+                        if (d->host_version_pending)
+                                goto done;
+                }
                 if (result < 0)
                         log_warning_errno(result, "Cannot read the Klipper version of %s: %m", req->path);
                 /* If Klipper started meanwhile, its own version wins. */
                 if (!d->host_version_from_klippy)
                         daemon_set_host_version(d, result < 0 ? "" : req->version);
         }
+done:
         free(req->path);
         free(req->version);
         free(req);
@@ -78,8 +90,10 @@ static void daemon_read_host_version(struct daemon *d) {
                 daemon_set_host_version(d, "");
                 return;
         }
-        if (d->host_version_pending)
+        if (d->host_version_pending) {
+                d->host_version_reread = true;
                 return;
+        }
         req = calloc(1, sizeof(*req));
         if (!req || !(req->path = strdup(d->config->klipper_path))) {
                 free(req);

@@ -36,6 +36,7 @@ struct daemon {
         struct rescan_waiter *rescan_waiters;           /* Rescans waiting for that read (daemon.c) */
         char *host_version;             /* "" while unknown */
         bool host_version_pending;
+        bool host_version_reread;       /* asked again while a read ran */
         bool host_version_from_klippy;  /* host_version is klippy's software_version */
         char *printer_state;            /* Manager.PrinterState; "unknown" without the klippy API */
         int auto_flash;                 /* Manager.AutoFlash (an int for sd-bus's "b") */
