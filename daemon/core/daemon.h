@@ -55,6 +55,7 @@ struct daemon {
         sd_bus_slot *job_enumerator_slot;
         struct job *jobs;               /* core/job.c's list, newest first */
         unsigned n_jobs_started;
+        unsigned n_image_loads;         /* Flash() images being read by workers (bus/mcu.c) */
 
         struct event *sigterm_event;
         struct event *sigint_event;
