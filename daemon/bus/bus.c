@@ -51,6 +51,7 @@ int bus_request_name(struct daemon *d) {
 }
 
 void bus_disconnect(struct daemon *d) {
+        bus_manager_uninstall(d);
         d->bus_loop = bus_loop_free(d->bus_loop);
         d->mcu_slot = sd_bus_slot_unref(d->mcu_slot);
         d->mcu_enumerator_slot = sd_bus_slot_unref(d->mcu_enumerator_slot);

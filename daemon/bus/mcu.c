@@ -57,6 +57,10 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
         int r;
 
         r = daemon_refresh_mcu(d, m);
+        if (r == -EALREADY)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "MCU %s has a job running (%s); it is not asked while the job runs, "
+                                      "and its state shows what the job finds.", m->id, m->job);
         if (r == -ENODEV)
                 return bus_error_setf(error, MCUFLASH_ERROR_DISCONNECTED,
                                       "MCU %s is offline: plug it in (or power it) and try again.",

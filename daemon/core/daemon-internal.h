@@ -49,6 +49,12 @@ bool daemon_can_interface_up(struct daemon *d, const char *ifname);
 /* The running Klipper, through its API socket (host.c). */
 int daemon_host_start(struct daemon *d);
 void daemon_host_stop(struct daemon *d);
+/* Does a job own @m now?  Then only the job and the link's own hotplug
+ * events touch it: never a Rescan or a Refresh. */
+static inline bool daemon_mcu_has_job(const struct mcu *m) {
+        return !streq(m->job, "/");
+}
+
 /* Is @m's link Klipper's now (Klipper runs and @m is in its printer.cfg)? */
 bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m);
 

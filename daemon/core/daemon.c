@@ -150,16 +150,33 @@ void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
 
 /* ---- rescan ------------------------------------------------------------ */
 
+static int rescan_devices(struct daemon *d);
+
+/* Rescan on request: devices that are there are looked at again, but an
+ * MCU with a job is the job's alone (its link may be in the middle of a
+ * reset, or about to be opened by the job): not removed, not re-added, not
+ * identified. */
 int daemon_rescan(struct daemon *d) {
         int r;
 
         log_info("Rescanning.");
+        d->rescanning = true;
+        r = rescan_devices(d);
+        d->rescanning = false;
+        return r;
+}
+
+static int rescan_devices(struct daemon *d) {
+        int r;
+
         daemon_load_printercfg(d);
         daemon_read_host_version(d);
 
         for (size_t i = d->registry->n_mcus; i > 0; i--) {
                 struct mcu *m = d->registry->mcus[i - 1];
 
+                if (daemon_mcu_has_job(m))
+                        continue;
                 if (m->state_id == MCU_STATE_OFFLINE) {
                         registry_remove(d->registry, m);
                         continue;

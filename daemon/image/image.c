@@ -14,13 +14,13 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include <json-c/json.h>
 
 #include "image/image.h"
+#include "shared/time-util.h"
 
 #define UF2_MAGIC_START0 0x0A324655u
 #define UF2_MAGIC_START1 0x9E5D5157u
@@ -671,13 +671,6 @@ static int write_all(int fd, const uint8_t *p, size_t len) {
                 len -= (size_t) n;
         }
         return 0;
-}
-
-static uint64_t now_usec(void) {
-        struct timespec ts;
-
-        (void) clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
 }
 
 /* What an fd that is not a regular file is, for the refusal. */
