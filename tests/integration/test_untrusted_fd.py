@@ -209,3 +209,48 @@ def test_unprivileged_rescan_flood_does_not_disturb_a_flash(board, daemon, bus, 
     # Thousands of Rescan calls came; rescans ran, at most about once a second.
     rescans = d.log().count("Rescanning.") - rescans_before
     assert 1 <= rescans <= elapsed + 3, (rescans, elapsed)
+
+
+def tiny_record_hex(size):
+    """Intel HEX of one-byte records at consecutive addresses, about @size bytes."""
+    lines, address, upper = [], 0x08000000, None
+    total = 0
+    while total < size - 64:
+        if address >> 16 != upper:
+            upper = address >> 16
+            rec = bytes([2, 0, 0, 4, upper >> 8 & 0xff, upper & 0xff])
+            lines.append(":%s%02X\n" % (rec.hex().upper(), -sum(rec) & 0xff))
+            total += len(lines[-1])
+        rec = bytes([1, address >> 8 & 0xff, address & 0xff, 0, address & 0xff])
+        lines.append(":%s%02X\n" % (rec.hex().upper(), -sum(rec) & 0xff))
+        total += len(lines[-1])
+        address += 1
+    lines.append(":00000001FF\n")
+    return "".join(lines).encode()
+
+
+def peak_rss_kib(proc):
+    with open("/proc/%d/status" % proc.pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_hex_of_tiny_records_costs_little_memory(board, daemon, dbus_client, wait_for, tmp_path):
+    """A 16 MiB Intel HEX of one-byte records once took the daemon to 120 MB:
+    now it is read as one segment (and refused: it is no Klipper image)."""
+    d = daemon()
+    wait_app(dbus_client, wait_for)
+    path = tmp_path / "tiny.hex"
+    path.write_bytes(tiny_record_hex(16 * 1024 * 1024 - 4096))
+    before = peak_rss_kib(d.proc)
+    with open(path, "rb") as f:
+        with pytest.raises(dbus.exceptions.DBusException) as e:
+            dbus_client.call(dbus_client.get_mcu("mcu"), "io.mcuflash1.Mcu", "Flash",
+                             dbus.types.UnixFd(f.fileno()), dbus.Dictionary({}, signature="sv"))
+    assert e.value.get_dbus_name() == "io.mcuflash1.Error.InvalidImage", e.value.get_dbus_message()
+    assert "data dictionary" in e.value.get_dbus_message()
+    grown = peak_rss_kib(d.proc) - before
+    # The decoded bytes and little else (measured: about 18 MiB; 58 MiB before).
+    assert grown < 40 * 1024, "peak RSS grew by %d KiB" % grown
