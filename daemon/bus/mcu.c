@@ -15,6 +15,7 @@
 #include "core/worker.h"
 #include "image/image.h"
 #include "shared/log.h"
+#include "shared/time-util.h"
 
 #define MCU_INTERFACE "io.mcuflash1.Mcu"
 
@@ -50,13 +51,14 @@ static int mcu_enumerate(sd_bus *bus, const char *prefix, void *userdata, char *
         return 0;
 }
 
-static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        struct mcu *m = userdata;
-        struct daemon *d = m->daemon;
-        void **pending;
-        int r;
+/* Refresh is open to everybody, so it is rate-limited per MCU: an
+ * identify it starts comes at most once a second; calls in between (or
+ * while any identify runs) join the next one.  An MCU with a job is not
+ * touched at all: Busy. */
+#define REFRESH_INTERVAL_USEC (1000ULL * 1000ULL)
+#define REFRESH_WAITING_MAX 256
 
-        r = daemon_refresh_mcu(d, m);
+static int refresh_error(struct mcu *m, int r, sd_bus_error *error) {
         if (r == -EALREADY)
                 return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
                                       "MCU %s has a job running (%s); it is not asked while the job runs, "
@@ -69,15 +71,78 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
                 return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
                                       "MCU %s is in use by Klipper; stop Klipper to identify it again "
                                       "(its version is shown as Klipper reports it).", m->id);
-        if (r < 0)
-                return r;
-        if (r > 0)
-                return sd_bus_reply_method_return(msg, NULL);
+        return r;
+}
+
+/* Identify @m for the calls waiting; they are answered now unless an
+ * identify runs (then bus_mcu_complete_refresh() answers them). */
+static void refresh_start(struct daemon *d, struct mcu *m) {
+        int r;
+
+        m->refresh_last_usec = now_usec();
+        r = daemon_refresh_mcu(d, m);
+        if (r == 0)
+                return;
+        for (size_t i = 0; i < m->n_pending_refresh; i++) {
+                _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+                sd_bus_message *msg = m->pending_refresh[i];
+
+                if (r > 0)
+                        (void) sd_bus_reply_method_return(msg, NULL);
+                else {
+                        (void) refresh_error(m, r, &error);
+                        if (!sd_bus_error_is_set(&error))
+                                sd_bus_error_set_errno(&error, r);
+                        (void) sd_bus_reply_method_error(msg, &error);
+                }
+                sd_bus_message_unref(msg);
+        }
+        free(m->pending_refresh);
+        m->pending_refresh = NULL;
+        m->n_pending_refresh = 0;
+        bus_kick(d);
+}
+
+static void on_refresh_due(evutil_socket_t fd, short what, void *userdata) {
+        struct mcu *m = userdata;
+
+        refresh_start(m->daemon, m);
+}
+
+static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        struct mcu *m = userdata;
+        struct daemon *d = m->daemon;
+        uint64_t now = now_usec(), due = m->refresh_last_usec + REFRESH_INTERVAL_USEC;
+        struct timeval tv;
+        void **pending;
+
+        if (!streq(m->job, "/"))
+                return refresh_error(m, -EALREADY, error);
+        if (m->n_pending_refresh >= REFRESH_WAITING_MAX)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "%d Refresh calls for MCU %s are waiting already; try again in a second.",
+                                      REFRESH_WAITING_MAX, m->id);
         pending = realloc(m->pending_refresh, (m->n_pending_refresh + 1) * sizeof(void *));
         if (!pending)
                 return -ENOMEM;
         m->pending_refresh = pending;
         m->pending_refresh[m->n_pending_refresh++] = sd_bus_message_ref(msg);
+
+        if (m->identifying || (m->refresh_timer && evtimer_pending(m->refresh_timer, NULL)))
+                return 1;       /* joins the identify that runs or is due */
+        if (m->refresh_last_usec == 0 || now >= due) {
+                refresh_start(d, m);
+                return 1;
+        }
+        if (!m->refresh_timer)
+                m->refresh_timer = evtimer_new(d->base, on_refresh_due, m);
+        due -= now;
+        tv.tv_sec = (time_t) (due / 1000000);
+        tv.tv_usec = (suseconds_t) (due % 1000000);
+        if (!m->refresh_timer || evtimer_add(m->refresh_timer, &tv) < 0) {
+                m->pending_refresh[--m->n_pending_refresh] = sd_bus_message_unref(msg);
+                return -ENOMEM;
+        }
         return 1;
 }
 
