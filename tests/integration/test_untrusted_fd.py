@@ -254,3 +254,38 @@ def test_hex_of_tiny_records_costs_little_memory(board, daemon, dbus_client, wai
     grown = peak_rss_kib(d.proc) - before
     # The decoded bytes and little else (measured: about 18 MiB; 58 MiB before).
     assert grown < 40 * 1024, "peak RSS grew by %d KiB" % grown
+
+
+def test_a_job_s_mcu_is_left_alone(testbed, klipper_checkout, printer_cfg, daemon, dbus_client, wait_for):
+    """While a job has the MCU, Refresh answers Busy and Rescan neither
+    forgets nor probes it; the job goes on."""
+    from test_job_policy import start_waiting_job
+    job = start_waiting_job(testbed, klipper_checkout, printer_cfg, daemon, dbus_client, wait_for)
+    mcu = dbus_client.get_mcu("mcu")
+    with pytest.raises(dbus.exceptions.DBusException) as e:
+        dbus_client.call(mcu, "io.mcuflash1.Mcu", "Refresh")
+    assert e.value.get_dbus_name() == "io.mcuflash1.Error.Busy"
+    assert "has a job running" in e.value.get_dbus_message()
+    for _ in range(3):
+        dbus_client.call("/io/mcuflash1", "io.mcuflash1.Manager", "Rescan")
+    assert mcu in dbus_client.list_mcus()
+    assert dbus_client.mcu_props(mcu)["Job"] == job
+    assert dbus_client.get_all(job, "io.mcuflash1.Job")["State"] == "running"
+
+
+def test_refresh_is_rate_limited(board, daemon, dbus_client, wait_for):
+    """Many Refresh calls, one after the other from each of ten callers,
+    share identifies: at most about one a second."""
+    d = daemon()
+    wait_app(dbus_client, wait_for)
+    mcu = dbus_client.get_mcu("mcu")
+    before = d.log().count("identifying on")
+    started = time.monotonic()
+    callers = [subprocess.Popen(["/usr/bin/python3", "-c",
+                                 "import dbus, sys\nc = dbus.bus.BusConnection(sys.argv[1])\nfor _ in range(5):\n"
+                                 "    c.call_blocking('io.mcuflash1', sys.argv[2], 'io.mcuflash1.Mcu', 'Refresh', '', ())",
+                                 dbus_client.address, mcu]) for _ in range(10)]
+    assert [c.wait(60) for c in callers] == [0] * 10
+    elapsed = time.monotonic() - started
+    identifies = d.log().count("identifying on") - before
+    assert 1 <= identifies <= elapsed + 2, (identifies, elapsed)
