@@ -289,3 +289,16 @@ def test_refresh_is_rate_limited(board, daemon, dbus_client, wait_for):
     elapsed = time.monotonic() - started
     identifies = d.log().count("identifying on") - before
     assert 1 <= identifies <= elapsed + 2, (identifies, elapsed)
+
+
+def test_mcuflashctl_passes_a_pipe_as_a_memfd(board, daemon, dbus_client, wait_for, ctl):
+    """The daemon takes regular files only; mcuflashctl reads a pipe itself
+    (as the caller) into a memfd, so `... | mcuflashctl flash mcu /dev/stdin`
+    still works."""
+    daemon()
+    wait_app(dbus_client, wait_for)
+    hex_text = mkimage.build("stm32f446xx", HOST, 0x08008000, fmt="hex").decode("ascii")
+    out = ctl("flash", "mcu", "/dev/stdin", "--json", input=hex_text, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["state"] == "succeeded"
+    wait_app(dbus_client, wait_for, HOST)
