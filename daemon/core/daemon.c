@@ -150,25 +150,10 @@ void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
 
 /* ---- rescan ------------------------------------------------------------ */
 
-static int rescan_devices(struct daemon *d);
-
-/* Rescan on request: devices that are there are looked at again, but an
- * MCU with a job is the job's alone (its link may be in the middle of a
- * reset, or about to be opened by the job): not removed, not re-added, not
- * identified. */
-int daemon_rescan(struct daemon *d) {
+static int rescan(struct daemon *d) {
         int r;
 
         log_info("Rescanning.");
-        d->rescanning = true;
-        r = rescan_devices(d);
-        d->rescanning = false;
-        return r;
-}
-
-static int rescan_devices(struct daemon *d) {
-        int r;
-
         daemon_load_printercfg(d);
         daemon_read_host_version(d);
 
@@ -199,6 +184,19 @@ static int rescan_devices(struct daemon *d) {
                 if (d->registry->mcus[i]->state_id == MCU_STATE_UNKNOWN)
                         daemon_start_identify(d, d->registry->mcus[i]);
         return 0;
+}
+
+/* Rescan on request: devices that are there are looked at again, but an
+ * MCU with a job is the job's alone (its link may be in the middle of a
+ * reset, or about to be opened by the job): not removed, not re-added, not
+ * identified. */
+int daemon_rescan(struct daemon *d) {
+        int r;
+
+        d->rescanning = true;
+        r = rescan(d);
+        d->rescanning = false;
+        return r;
 }
 
 /* ---- lifecycle --------------------------------------------------------- */
