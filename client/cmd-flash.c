@@ -8,6 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "client.h"
 #include "job-wait.h"
@@ -35,6 +38,43 @@ struct flash_args {
         bool force;
         bool stop_klipper;
 };
+
+/* The daemon reads only regular files (a memfd is one): a pipe, FIFO or
+ * terminal given as IMAGE (/dev/stdin, <(curl ...)) is read here, as the
+ * caller, into a memfd first.  Returns the fd to pass, or -errno (told). */
+#define IMAGE_MAX_SIZE (16 * 1024 * 1024)
+
+static int image_as_regular_file(int fd, const char *name) {
+        _cleanup_close_ int copy = -1;
+        char buf[65536];
+        size_t total = 0;
+        struct stat st;
+        ssize_t n;
+
+        if (fstat(fd, &st) < 0)
+                return client_error_errno(-errno, "Cannot read %s: %m", name);
+        if (S_ISREG(st.st_mode))
+                return fd;
+        if (S_ISDIR(st.st_mode))
+                return client_error_errno(-EISDIR, "%s is a directory, not an image.", name);
+        copy = memfd_create("mcuflashctl-image", MFD_CLOEXEC);
+        if (copy < 0)
+                return client_error_errno(-errno, "Cannot copy %s: %m", name);
+        while ((n = read(fd, buf, sizeof(buf))) != 0) {
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return client_error_errno(-errno, "Cannot read %s: %m", name);
+                total += (size_t) n;
+                if (total > IMAGE_MAX_SIZE)
+                        return client_error_errno(-EFBIG, "%s is larger than %d bytes: not an image.", name,
+                                                  IMAGE_MAX_SIZE);
+                if (write(copy, buf, (size_t) n) != n)
+                        return client_error_errno(errno ? -errno : -EIO, "Cannot copy %s: %m", name);
+        }
+        safe_close(fd);
+        return TAKE_FD(copy);
+}
 
 static int append_flash_arguments(sd_bus_message *m, void *userdata) {
         const struct flash_args *a = userdata;
@@ -99,6 +139,9 @@ int verb_flash(int argc, char *argv[]) {
                 client_error_errno(-errno, "Cannot open %s: %m", argv[optind + 1]);
                 return EXIT_FAILURE;
         }
+        fd = image_as_regular_file(fd, argv[optind + 1]);
+        if (fd < 0)
+                return EXIT_FAILURE;
         args.fd = fd;
 
         r = client_open_bus(&bus);

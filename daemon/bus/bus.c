@@ -2,6 +2,7 @@
  * sd_bus_open_system() itself, which is how tests use a private bus. */
 #include <errno.h>
 
+#include "bus/bouncer.h"
 #include "bus/bus-loop.h"
 #include "bus/bus.h"
 #include "bus/job.h"
@@ -16,6 +17,10 @@ int bus_connect(struct daemon *d) {
         r = sd_bus_open_system(&d->bus);
         if (r < 0)
                 return log_error_errno(r, "Cannot connect to the system bus: %m");
+        /* First: no method call reaches a handler without passing it. */
+        r = bus_bouncer_install(d);
+        if (r < 0)
+                return log_error_errno(r, "Cannot install the method filter: %m");
         r = bus_manager_install(d);
         if (r < 0)
                 return log_error_errno(r, "Cannot export the Manager object: %m");
@@ -46,6 +51,7 @@ int bus_request_name(struct daemon *d) {
 }
 
 void bus_disconnect(struct daemon *d) {
+        bus_manager_uninstall(d);
         d->bus_loop = bus_loop_free(d->bus_loop);
         d->mcu_slot = sd_bus_slot_unref(d->mcu_slot);
         d->mcu_enumerator_slot = sd_bus_slot_unref(d->mcu_enumerator_slot);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bus/bouncer.h"
 #include "bus/bus.h"
 #include "bus/errors.h"
 #include "bus/job.h"
@@ -76,72 +77,33 @@ static int job_cancel_now(struct job *j, sd_bus_error *error) {
         return r;
 }
 
-struct cancel_request {
-        struct daemon *daemon;
-        sd_bus_message *message;
-        char *job_path;
-        struct auth_query *query;
-};
+static int cancel_admitted(struct daemon *d, sd_bus_message *msg, sd_bus_error *error) {
+        struct job *j = job_find_by_path(d, sd_bus_message_get_path(msg));
+        int r;
 
-static void cancel_request_free(struct cancel_request *req) {
-        auth_query_free(req->query);
-        sd_bus_message_unref(req->message);
-        free(req->job_path);
-        free(req);
+        if (!j)
+                return bus_error_setf(error, MCUFLASH_ERROR_NOT_FOUND, "Job %s is gone.",
+                                      sd_bus_message_get_path(msg));
+        r = job_cancel_now(j, error);
+        return r < 0 ? r : sd_bus_reply_method_return(msg, NULL);
 }
 
-static void on_cancel_authorized(void *userdata, int result) {
-        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
-        struct cancel_request *req = userdata;
-        struct job *j;
-        int r = 0;
-
-        req->query = NULL;
-        j = job_find_by_path(req->daemon, req->job_path);
-        if (result <= 0)
-                r = bus_error_setf(&error, MCUFLASH_ERROR_NOT_AUTHORIZED, "%s", auth_result_message(result));
-        else if (!j)
-                r = bus_error_setf(&error, MCUFLASH_ERROR_NOT_FOUND, "Job %s is gone.", req->job_path);
-        else
-                r = job_cancel_now(j, &error);
-        if (r < 0 && !sd_bus_error_is_set(&error))
-                sd_bus_error_set_errno(&error, r);
-        if (r < 0)
-                (void) sd_bus_reply_method_error(req->message, &error);
-        else
-                (void) sd_bus_reply_method_return(req->message, NULL);
-        bus_kick(req->daemon);
-        cancel_request_free(req);
-}
-
-/* Validate, authorize, act: the caller that started the job may cancel it;
- * anybody else needs the action that starting such a job needs. */
+/* Authorize, then act: the caller that started the job may cancel it;
+ * anybody else needs the action that starting such a job needs (the
+ * bouncer's list says AUTH_POLICY_JOB).  Cancel has no arguments. */
 static int method_cancel(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         struct job *j = userdata;
-        struct cancel_request *req;
-        int r;
+        const char *action;
 
         if (job_is_finished(j))
                 return job_cancel_now(j, error);
-        if (j->owner && streq_ptr(sd_bus_message_get_sender(msg), j->owner)) {
-                r = job_cancel_now(j, error);
-                return r < 0 ? r : sd_bus_reply_method_return(msg, NULL);
-        }
-
-        req = calloc(1, sizeof(*req));
-        if (!req || !(req->job_path = strdup(j->object_path))) {
-                free(req);
-                return -ENOMEM;
-        }
-        req->daemon = j->daemon;
-        req->message = sd_bus_message_ref(msg);
-        r = auth_check_async(j->daemon->bus, j->daemon->base, msg, auth_action_for_job(j->kind),
-                             on_cancel_authorized, req, &req->query);
-        if (r < 0) {
-                cancel_request_free(req);
-                return r;
-        }
-        return 1;
+        if (j->owner && streq_ptr(sd_bus_message_get_sender(msg), j->owner))
+                return cancel_admitted(j->daemon, msg, error);
+        action = auth_action_for_job(j->kind);
+        if (!action)
+                return bus_error_setf(error, MCUFLASH_ERROR_NOT_AUTHORIZED, "Job %u cannot be cancelled by others.",
+                                      j->number);
+        return bus_bouncer_admit(j->daemon, msg, action, cancel_admitted);
 }
 
 #define JOB_PROPERTY(name, sig, field) \

@@ -2,6 +2,10 @@
  * core/.  ListMcus, GetMcu (selector resolution is the registry's), Rescan;
  * McuAdded/McuRemoved are emitted by bus/mcu.c as the registry announces. */
 #include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
 
 #include "bus/bus.h"
 #include "bus/errors.h"
@@ -9,6 +13,7 @@
 #include "core/daemon.h"
 #include "core/job.h"
 #include "shared/log.h"
+#include "shared/time-util.h"
 #include "build-config.h"
 
 static int property_get_version(sd_bus *bus, const char *path, const char *interface,
@@ -78,27 +83,78 @@ static int method_get_mcu(sd_bus_message *m, void *userdata, sd_bus_error *error
         return sd_bus_reply_method_return(m, "o", mcu->object_path);
 }
 
-/* Answered when the rescan is complete, printer.cfg's names included. */
-static void rescan_done(struct daemon *d, int result, void *userdata) {
-        sd_bus_message *m = userdata;
+/* Rescan is open to everybody, so it is rate-limited for everybody: at
+ * most one rescan a second, and calls that come in meanwhile join the next
+ * one (each caller is answered when it has run).  A rescan leaves MCUs with
+ * a job alone (core/daemon.c). */
+#define RESCAN_INTERVAL_USEC (1000ULL * 1000ULL)
+#define RESCAN_WAITING_MAX 256
 
-        if (result < 0)
-                (void) sd_bus_reply_method_errorf(m, SD_BUS_ERROR_FAILED, "Rescan failed: %s", strerror(-result));
-        else
-                (void) sd_bus_reply_method_return(m, NULL);
-        sd_bus_message_unref(m);
-        if (d->bus)
-                bus_kick(d);
+struct bus_rescans {
+        struct event *timer;            /* the next rescan, when calls wait for it */
+        uint64_t last_usec;             /* when the last rescan ran (CLOCK_MONOTONIC) */
+        sd_bus_message *waiting[RESCAN_WAITING_MAX];
+        size_t n_waiting;
+};
+
+static void rescans_answer(struct daemon *d, int r) {
+        struct bus_rescans *q = d->rescans;
+
+        for (size_t i = 0; i < q->n_waiting; i++) {
+                if (r < 0)
+                        (void) sd_bus_reply_method_errorf(q->waiting[i], SD_BUS_ERROR_FAILED, "Rescan failed: %s",
+                                                          strerror(-r));
+                else
+                        (void) sd_bus_reply_method_return(q->waiting[i], NULL);
+                q->waiting[i] = sd_bus_message_unref(q->waiting[i]);
+        }
+        q->n_waiting = 0;
+        bus_kick(d);
+}
+
+/* Each waiting caller is answered once the rescan is complete, the names
+ * from printer.cfg included (it is read in a worker). */
+static void rescan_finished(struct daemon *d, int result, void *userdata) {
+        if (d->rescans)         /* not when the bus is gone at shutdown */
+                rescans_answer(d, result);
+}
+
+static void rescan_now(struct daemon *d) {
+        int r;
+
+        d->rescans->last_usec = now_usec();
+        r = daemon_rescan(d, rescan_finished, NULL);
+        if (r < 0)
+                rescans_answer(d, r);
+}
+
+static void on_rescan_due(evutil_socket_t fd, short what, void *userdata) {
+        rescan_now(userdata);
 }
 
 static int method_rescan(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         struct daemon *d = userdata;
-        int r;
+        struct bus_rescans *q = d->rescans;
+        uint64_t now = now_usec(), due = q->last_usec + RESCAN_INTERVAL_USEC;
+        struct timeval tv;
 
-        r = daemon_rescan(d, rescan_done, sd_bus_message_ref(m));
-        if (r < 0) {
-                sd_bus_message_unref(m);
-                return sd_bus_error_set_errnof(error, -r, "Rescan failed: %s", strerror(-r));
+        if (q->n_waiting >= RESCAN_WAITING_MAX)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "%d Rescan calls are waiting already; try again in a second.",
+                                      RESCAN_WAITING_MAX);
+        q->waiting[q->n_waiting++] = sd_bus_message_ref(m);
+        if (evtimer_pending(q->timer, NULL))
+                return 1;       /* joins the rescan that is due */
+        if (q->last_usec == 0 || now >= due) {
+                rescan_now(d);
+                return 1;
+        }
+        due -= now;
+        tv.tv_sec = (time_t) (due / 1000000);
+        tv.tv_usec = (suseconds_t) (due % 1000000);
+        if (evtimer_add(q->timer, &tv) < 0) {
+                q->waiting[--q->n_waiting] = sd_bus_message_unref(m);
+                return -ENOMEM;
         }
         return 1;
 }
@@ -127,11 +183,33 @@ static const sd_bus_vtable manager_vtable[] = {
 int bus_manager_install(struct daemon *d) {
         int r;
 
+        d->rescans = calloc(1, sizeof(*d->rescans));
+        if (!d->rescans)
+                return -ENOMEM;
+        d->rescans->timer = evtimer_new(d->base, on_rescan_due, d);
+        if (!d->rescans->timer)
+                return -ENOMEM;
+
         r = sd_bus_add_object_vtable(d->bus, &d->manager_slot, MCUFLASH_MANAGER_PATH,
                                      "io.mcuflash1.Manager", manager_vtable, d);
         if (r < 0)
                 return r;
         return sd_bus_add_object_manager(d->bus, &d->object_manager_slot, MCUFLASH_MANAGER_PATH);
+}
+
+void bus_manager_uninstall(struct daemon *d) {
+        struct bus_rescans *q = d->rescans;
+
+        if (!q)
+                return;
+        for (size_t i = 0; i < q->n_waiting; i++) {
+                (void) sd_bus_reply_method_errorf(q->waiting[i], SD_BUS_ERROR_FAILED, "mcuflashd is stopping.");
+                sd_bus_message_unref(q->waiting[i]);
+        }
+        if (q->timer)
+                event_free(q->timer);
+        free(q);
+        d->rescans = NULL;
 }
 
 void bus_manager_emit_changed(struct daemon *d, const char *property) {

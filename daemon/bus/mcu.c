@@ -1,17 +1,21 @@
 /* Implementation of bus/mcu.h.  Properties are read straight from struct
  * mcu (every exported string is kept non-NULL by core/mcu.c). */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 
+#include "bus/bouncer.h"
 #include "bus/bus.h"
 #include "bus/errors.h"
 #include "bus/mcu.h"
-#include "core/auth.h"
 #include "core/daemon.h"
 #include "core/job.h"
 #include "core/flash.h"
 #include "core/reboot.h"
+#include "core/worker.h"
+#include "image/image.h"
 #include "shared/log.h"
+#include "shared/time-util.h"
 
 #define MCU_INTERFACE "io.mcuflash1.Mcu"
 
@@ -47,13 +51,18 @@ static int mcu_enumerate(sd_bus *bus, const char *prefix, void *userdata, char *
         return 0;
 }
 
-static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        struct mcu *m = userdata;
-        struct daemon *d = m->daemon;
-        void **pending;
-        int r;
+/* Refresh is open to everybody, so it is rate-limited per MCU: an
+ * identify it starts comes at most once a second; calls in between (or
+ * while any identify runs) join the next one.  An MCU with a job is not
+ * touched at all: Busy. */
+#define REFRESH_INTERVAL_USEC (1000ULL * 1000ULL)
+#define REFRESH_WAITING_MAX 256
 
-        r = daemon_refresh_mcu(d, m);
+static int refresh_error(struct mcu *m, int r, sd_bus_error *error) {
+        if (r == -EALREADY)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "MCU %s has a job running (%s); it is not asked while the job runs, "
+                                      "and its state shows what the job finds.", m->id, m->job);
         if (r == -ENODEV)
                 return bus_error_setf(error, MCUFLASH_ERROR_DISCONNECTED,
                                       "MCU %s is offline: plug it in (or power it) and try again.",
@@ -62,15 +71,78 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
                 return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
                                       "MCU %s is in use by Klipper; stop Klipper to identify it again "
                                       "(its version is shown as Klipper reports it).", m->id);
-        if (r < 0)
-                return r;
-        if (r > 0)
-                return sd_bus_reply_method_return(msg, NULL);
+        return r;
+}
+
+/* Identify @m for the calls waiting; they are answered now unless an
+ * identify runs (then bus_mcu_complete_refresh() answers them). */
+static void refresh_start(struct daemon *d, struct mcu *m) {
+        int r;
+
+        m->refresh_last_usec = now_usec();
+        r = daemon_refresh_mcu(d, m);
+        if (r == 0)
+                return;
+        for (size_t i = 0; i < m->n_pending_refresh; i++) {
+                _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+                sd_bus_message *msg = m->pending_refresh[i];
+
+                if (r > 0)
+                        (void) sd_bus_reply_method_return(msg, NULL);
+                else {
+                        (void) refresh_error(m, r, &error);
+                        if (!sd_bus_error_is_set(&error))
+                                sd_bus_error_set_errno(&error, r);
+                        (void) sd_bus_reply_method_error(msg, &error);
+                }
+                sd_bus_message_unref(msg);
+        }
+        free(m->pending_refresh);
+        m->pending_refresh = NULL;
+        m->n_pending_refresh = 0;
+        bus_kick(d);
+}
+
+static void on_refresh_due(evutil_socket_t fd, short what, void *userdata) {
+        struct mcu *m = userdata;
+
+        refresh_start(m->daemon, m);
+}
+
+static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        struct mcu *m = userdata;
+        struct daemon *d = m->daemon;
+        uint64_t now = now_usec(), due = m->refresh_last_usec + REFRESH_INTERVAL_USEC;
+        struct timeval tv;
+        void **pending;
+
+        if (!streq(m->job, "/"))
+                return refresh_error(m, -EALREADY, error);
+        if (m->n_pending_refresh >= REFRESH_WAITING_MAX)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "%d Refresh calls for MCU %s are waiting already; try again in a second.",
+                                      REFRESH_WAITING_MAX, m->id);
         pending = realloc(m->pending_refresh, (m->n_pending_refresh + 1) * sizeof(void *));
         if (!pending)
                 return -ENOMEM;
         m->pending_refresh = pending;
         m->pending_refresh[m->n_pending_refresh++] = sd_bus_message_ref(msg);
+
+        if (m->identifying || (m->refresh_timer && evtimer_pending(m->refresh_timer, NULL)))
+                return 1;       /* joins the identify that runs or is due */
+        if (m->refresh_last_usec == 0 || now >= due) {
+                refresh_start(d, m);
+                return 1;
+        }
+        if (!m->refresh_timer)
+                m->refresh_timer = evtimer_new(d->base, on_refresh_due, m);
+        due -= now;
+        tv.tv_sec = (time_t) (due / 1000000);
+        tv.tv_usec = (suseconds_t) (due % 1000000);
+        if (!m->refresh_timer || evtimer_add(m->refresh_timer, &tv) < 0) {
+                m->pending_refresh[--m->n_pending_refresh] = sd_bus_message_unref(msg);
+                return -ENOMEM;
+        }
         return 1;
 }
 
@@ -98,86 +170,28 @@ void bus_mcu_complete_refresh(struct daemon *d, struct mcu *m, int result) {
         bus_kick(d);
 }
 
-/* ---- RebootToBootloader / RebootToApplication --------------------------- */
+/* ---- RebootToBootloader / RebootToApplication / Flash -------------------- */
 
-struct reboot_request {
-        struct daemon *daemon;
-        sd_bus_message *message;
-        char *mcu_id;
-        bool to_bootloader;
-        bool stop_klipper;
-        struct auth_query *query;
-        struct image *image;            /* Flash() */
-        bool force;
-};
+/* Every job method goes through the bouncer first: polkit's answer comes
+ * before any argument, fd or MCU state is looked at.  The *_admitted()
+ * functions run once the caller is authorized and find the MCU again by the
+ * message's path (it may have gone while polkit was asked). */
 
-static void reboot_request_free(struct reboot_request *req) {
-        auth_query_free(req->query);
-        image_free(req->image);
-        sd_bus_message_unref(req->message);
-        free(req->mcu_id);
-        free(req);
-}
+/* Largest image file accepted, by its size, before a byte is read. */
+#define IMAGE_MAX_SIZE (16u * 1024 * 1024)
+/* The worker gives up copying after this long... */
+#define IMAGE_READ_TIMEOUT_USEC (10ULL * 1000000ULL)
+/* ...and the caller is answered after this long, whatever the worker does. */
+#define IMAGE_ANSWER_TIMEOUT_USEC (30ULL * 1000000ULL)
+/* Images being read at once (each may take IMAGE_MAX_SIZE several times). */
+#define IMAGE_LOADS_MAX 4
 
-/* Checks, then the job; answers @req's caller either way. */
-static void reboot_request_answer(struct reboot_request *req) {
-        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
-        _cleanup_free_ char *message = NULL;
-        struct daemon *d = req->daemon;
-        enum mcuflash_error code;
-        struct mcu *m = registry_find_by_id(d->registry, req->mcu_id);
-        struct job *j;
-        int r;
+static struct mcu *admitted_mcu(struct daemon *d, sd_bus_message *msg, sd_bus_error *error) {
+        struct mcu *m = registry_find_by_path(d->registry, sd_bus_message_get_path(msg));
 
-        if (!m) {
-                bus_error_setf(&error, MCUFLASH_ERROR_NOT_FOUND, "MCU %s is gone.", req->mcu_id);
-                goto fail;
-        }
-        if (req->image)
-                r = flash_check(d, m, req->image, req->stop_klipper, &code, &message);
-        else
-                r = reboot_check(d, m, req->to_bootloader, req->stop_klipper, &code, &message);
-        if (r == -EPERM) {
-                bus_error_setf(&error, code, "%s", message);
-                goto fail;
-        }
-        if (r >= 0 && req->image) {
-                r = flash_start(d, m, req->image, req->force, &j);
-                if (r >= 0)
-                        req->image = NULL;      /* the job's now */
-        } else if (r >= 0)
-                r = reboot_start(d, m, req->to_bootloader, &j);
-        if (r == -EBUSY) {
-                bus_error_setf(&error, MCUFLASH_ERROR_BUSY, "MCU %s already has a job running.", m->id);
-                goto fail;
-        }
-        if (r < 0) {
-                sd_bus_error_set_errno(&error, r);
-                goto fail;
-        }
-        /* Whoever started it may always cancel it. */
-        (void) free_and_strdup(&j->owner, sd_bus_message_get_sender(req->message));
-        (void) sd_bus_reply_method_return(req->message, "o", j->object_path);
-        bus_kick(d);
-        return;
-fail:
-        (void) sd_bus_reply_method_error(req->message, &error);
-        bus_kick(d);
-}
-
-static void on_reboot_authorized(void *userdata, int result) {
-        struct reboot_request *req = userdata;
-
-        req->query = NULL;
-        if (result <= 0) {
-                _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
-
-                bus_error_setf(&error, MCUFLASH_ERROR_NOT_AUTHORIZED, "%s", auth_result_message(result));
-                (void) sd_bus_reply_method_error(req->message, &error);
-                bus_kick(req->daemon);
-        } else
-                reboot_request_answer(req);
-        reboot_request_free(req);
+        if (!m)
+                bus_error_setf(error, MCUFLASH_ERROR_NOT_FOUND, "MCU %s is gone.", sd_bus_message_get_path(msg));
+        return m;
 }
 
 /* Read the a{sv} options of a job method.  Unknown options are an error:
@@ -215,97 +229,215 @@ static int read_job_options(sd_bus_message *msg, bool *stop_klipper, bool *force
         return sd_bus_message_exit_container(msg);
 }
 
-/* Ask polkit for the action of @msg's method; the job starts (or the
- * refusal is sent) when the answer comes.  Takes *@image when given. */
-static int authorize_job_request(sd_bus_message *msg, struct mcu *m, bool to_bootloader, bool stop_klipper,
-                                 bool force, struct image **image) {
-        struct daemon *d = m->daemon;
-        struct reboot_request *req;
-        int r;
-
-        req = calloc(1, sizeof(*req));
-        if (!req || !(req->mcu_id = strdup(m->id))) {
-                free(req);
-                return -ENOMEM;
-        }
-        req->daemon = d;
-        req->message = sd_bus_message_ref(msg);
-        req->to_bootloader = to_bootloader;
-        req->stop_klipper = stop_klipper;
-        req->force = force;
-        if (image)
-                req->image = TAKE_PTR(*image);
-        r = auth_check_async(d->bus, d->base, msg,
-                             auth_action_for("io.mcuflash1.Mcu", sd_bus_message_get_member(msg)),
-                             on_reboot_authorized, req, &req->query);
-        if (r < 0) {
-                reboot_request_free(req);
+/* The job is running: its path to the caller, who may always cancel it. */
+static int reply_job(struct daemon *d, sd_bus_message *msg, struct mcu *m, struct job *j, int r,
+                     sd_bus_error *error) {
+        if (r == -EBUSY)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY, "MCU %s already has a job running.", m->id);
+        if (r < 0)
                 return r;
-        }
-        return 1;
+        (void) free_and_strdup(&j->owner, sd_bus_message_get_sender(msg));
+        r = sd_bus_reply_method_return(msg, "o", j->object_path);
+        bus_kick(d);
+        return r;
 }
 
-static int method_reboot(sd_bus_message *msg, struct mcu *m, bool to_bootloader, sd_bus_error *error) {
-        struct daemon *d = m->daemon;
+static int reboot_admitted(struct daemon *d, sd_bus_message *msg, sd_bus_error *error) {
+        bool to_bootloader = streq(sd_bus_message_get_member(msg), "RebootToBootloader");
         _cleanup_free_ char *message = NULL;
         enum mcuflash_error code;
         bool stop_klipper = true;
+        struct job *j = NULL;
+        struct mcu *m;
         int r;
 
+        m = admitted_mcu(d, msg, error);
+        if (!m)
+                return -ENOENT;
         r = read_job_options(msg, &stop_klipper, NULL, error);
         if (r < 0)
                 return r;
-        /* Refuse what can be refused before asking anybody for a password. */
         r = reboot_check(d, m, to_bootloader, stop_klipper, &code, &message);
         if (r == -EPERM)
                 return bus_error_setf(error, code, "%s", message);
         if (r < 0)
                 return r;
-
-        return authorize_job_request(msg, m, to_bootloader, stop_klipper, false, NULL);
+        r = reboot_start(d, m, to_bootloader, &j);
+        return reply_job(d, msg, m, j, r, error);
 }
 
-#define IMAGE_MAX_SIZE (16 * 1024 * 1024)
-
-static int method_flash(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+static int method_reboot_to_bootloader(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
         struct mcu *m = userdata;
-        struct daemon *d = m->daemon;
-        _cleanup_(image_freep) struct image *img = NULL;
+
+        return bus_bouncer_admit(m->daemon, msg, NULL, reboot_admitted);
+}
+
+static int method_reboot_to_application(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        struct mcu *m = userdata;
+
+        return bus_bouncer_admit(m->daemon, msg, NULL, reboot_admitted);
+}
+
+/* An authorized Flash() whose image a worker reads. */
+struct image_load {
+        struct daemon *daemon;
+        sd_bus_message *message;        /* NULL once answered */
+        char *mcu_id;
+        bool stop_klipper, force;
+        int fd;                         /* our duplicate of the caller's fd; the worker closes it */
+        struct image *image;            /* the worker's result */
+        char *refusal;                  /* the worker's message for a person */
+        struct event *answer_timer;
+};
+
+static struct image_load *image_load_free(struct image_load *l) {
+        if (!l)
+                return NULL;
+        if (l->answer_timer)
+                event_free(l->answer_timer);
+        sd_bus_message_unref(l->message);
+        safe_close(l->fd);
+        image_free(l->image);
+        free(l->refusal);
+        free(l->mcu_id);
+        free(l);
+        return NULL;
+}
+DEFINE_TRIVIAL_CLEANUP_FUNC(struct image_load *, image_load_free);
+
+/* Worker thread: only the fd and the image, nothing of the daemon. */
+static int image_load_run(void *userdata) {
+        struct image_load *l = userdata;
+        int r;
+
+        r = image_load_fd(l->fd, IMAGE_MAX_SIZE, IMAGE_READ_TIMEOUT_USEC, &l->image, &l->refusal);
+        l->fd = safe_close(l->fd);
+        return r;
+}
+
+static void image_load_reply_error(struct image_load *l, const sd_bus_error *error) {
+        (void) sd_bus_reply_method_error(l->message, error);
+        l->message = sd_bus_message_unref(l->message);
+        bus_kick(l->daemon);
+}
+
+/* The worker did not answer in time (a file system that does not answer):
+ * the caller hears so now; the worker's result is dropped when it comes. */
+static void on_image_load_overdue(evutil_socket_t fd, short what, void *userdata) {
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        struct image_load *l = userdata;
+
+        log_warning("Reading the image for %s did not finish within %llu s; refused.", l->mcu_id,
+                    IMAGE_ANSWER_TIMEOUT_USEC / 1000000ULL);
+        bus_error_setf(&error, MCUFLASH_ERROR_INVALID_IMAGE,
+                       "Reading the image did not finish within %llu s; nothing was sent to the MCU.",
+                       IMAGE_ANSWER_TIMEOUT_USEC / 1000000ULL);
+        image_load_reply_error(l, &error);
+}
+
+/* Back on the loop: the image is read (or refused); check it against the
+ * MCU as it is now and start the job. */
+static int image_loaded(struct image_load *l, int result, sd_bus_error *error) {
+        struct daemon *d = l->daemon;
         _cleanup_free_ char *message = NULL;
         enum mcuflash_error code;
-        bool stop_klipper = true, force = false;
-        int fd, r;
+        struct job *j = NULL;
+        struct mcu *m;
+        int r;
 
-        r = sd_bus_message_read(msg, "h", &fd);
-        if (r < 0)
-                return r;
-        r = read_job_options(msg, &stop_klipper, &force, error);
-        if (r < 0)
-                return r;
-        /* The caller opened the file: the daemon never opens caller-named
-         * paths as root.  image_load_fd() copies it into a sealed memfd
-         * first, so nothing the caller does later can change it. */
-        r = image_load_fd(fd, IMAGE_MAX_SIZE, &img, &message);
-        if (r < 0)
+        if (result == -ENOMEM)
+                return result;
+        if (result < 0)
                 return bus_error_setf(error, MCUFLASH_ERROR_INVALID_IMAGE, "%s",
-                                      message ?: "The image cannot be read.");
-        free(message);
-        message = NULL;
-        r = flash_check(d, m, img, stop_klipper, &code, &message);
+                                      l->refusal ?: "The image cannot be read.");
+        m = registry_find_by_id(d->registry, l->mcu_id);
+        if (!m)
+                return bus_error_setf(error, MCUFLASH_ERROR_NOT_FOUND, "MCU %s is gone.", l->mcu_id);
+        r = flash_check(d, m, l->image, l->stop_klipper, &code, &message);
         if (r == -EPERM)
                 return bus_error_setf(error, code, "%s", message);
         if (r < 0)
                 return r;
-
-        return authorize_job_request(msg, m, true, stop_klipper, force, &img);
+        r = flash_start(d, m, l->image, l->force, &j);
+        if (r >= 0)
+                l->image = NULL;        /* the job's now */
+        return reply_job(d, l->message, m, j, r, error);
 }
 
-static int method_reboot_to_bootloader(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return method_reboot(msg, userdata, true, error);
+static void image_load_done(void *userdata, int result) {
+        _cleanup_(image_load_freep) struct image_load *l = userdata;
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        int r;
+
+        l->daemon->n_image_loads--;
+        if (!l->message || result == -ECANCELED)
+                return;         /* answered already, or the daemon is stopping */
+        r = image_loaded(l, result, &error);
+        if (r < 0) {
+                if (!sd_bus_error_is_set(&error))
+                        sd_bus_error_set_errno(&error, r);
+                image_load_reply_error(l, &error);
+        }
 }
 
-static int method_reboot_to_application(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
-        return method_reboot(msg, userdata, false, error);
+static int flash_admitted(struct daemon *d, sd_bus_message *msg, sd_bus_error *error) {
+        _cleanup_(image_load_freep) struct image_load *l = NULL;
+        struct timeval tv = { .tv_sec = IMAGE_ANSWER_TIMEOUT_USEC / 1000000ULL };
+        _cleanup_free_ char *message = NULL;
+        enum mcuflash_error code;
+        struct mcu *m;
+        int fd, r;
+
+        m = admitted_mcu(d, msg, error);
+        if (!m)
+                return -ENOENT;
+        l = calloc(1, sizeof(*l));
+        if (!l)
+                return -ENOMEM;
+        l->fd = -1;
+        l->stop_klipper = true;
+        r = sd_bus_message_read(msg, "h", &fd);
+        if (r < 0)
+                return r;
+        r = read_job_options(msg, &l->stop_klipper, &l->force, error);
+        if (r < 0)
+                return r;
+        /* Refuse what can be refused before reading anything. */
+        r = reboot_check(d, m, m->transport_id != MCU_TRANSPORT_LINUX, l->stop_klipper, &code, &message);
+        if (r == -EPERM)
+                return bus_error_setf(error, code, "%s", message);
+        if (r < 0)
+                return r;
+        if (d->n_image_loads >= IMAGE_LOADS_MAX)
+                return bus_error_setf(error, MCUFLASH_ERROR_BUSY,
+                                      "%u images are being read already; try again in a moment.",
+                                      (unsigned) IMAGE_LOADS_MAX);
+
+        /* The caller opened the file: the daemon never opens caller-named
+         * paths as root.  The worker copies it into a sealed memfd, so
+         * nothing the caller does later can change it; the loop goes on
+         * answering meanwhile. */
+        l->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        if (l->fd < 0)
+                return -errno;
+        l->daemon = d;
+        l->message = sd_bus_message_ref(msg);
+        l->mcu_id = strdup(m->id);
+        l->answer_timer = evtimer_new(d->base, on_image_load_overdue, l);
+        if (!l->mcu_id || !l->answer_timer || evtimer_add(l->answer_timer, &tv) < 0)
+                return -ENOMEM;
+        r = worker_start(d->workers, image_load_run, image_load_done, l);
+        if (r < 0)
+                return r;
+        d->n_image_loads++;
+        TAKE_PTR(l);
+        return 1;
+}
+
+static int method_flash(sd_bus_message *msg, void *userdata, sd_bus_error *error) {
+        struct mcu *m = userdata;
+
+        return bus_bouncer_admit(m->daemon, msg, NULL, flash_admitted);
 }
 
 #define MCU_PROPERTY(name, sig, field) \

@@ -1,4 +1,4 @@
-/* Implementation of auth.h: the method → action table and the polkit check.
+/* Implementation of auth.h: the bouncer's method list and the polkit check.
  *
  * The check asks org.freedesktop.PolicyKit1.Authority.CheckAuthorization
  * with the subject ("system-bus-name", {"name": <sender>}) — polkit looks up
@@ -34,15 +34,32 @@ struct auth_query {
         struct event *deferred; /* a root caller's answer, due on the next loop iteration */
 };
 
+/* The bouncer's list (bolt's idea): every method the daemon serves, and
+ * what it takes.  Not listed = denied. */
 static const struct {
         const char *interface;
         const char *member;
+        enum auth_policy policy;
         const char *action;
-} method_actions[] = {
-        { "io.mcuflash1.Mcu", "RebootToBootloader", "io.mcuflash1.reboot" },
-        { "io.mcuflash1.Mcu", "RebootToApplication", "io.mcuflash1.reboot" },
-        { "io.mcuflash1.Mcu", "Flash", "io.mcuflash1.flash" },
-        { "io.mcuflash1.Manager", "UpdateAll", "io.mcuflash1.update-all" },
+} method_policies[] = {
+        { "io.mcuflash1.Manager", "ListMcus", AUTH_POLICY_OPEN, NULL },
+        { "io.mcuflash1.Manager", "GetMcu", AUTH_POLICY_OPEN, NULL },
+        { "io.mcuflash1.Manager", "ListJobs", AUTH_POLICY_OPEN, NULL },
+        /* Coalesced and at most once a second; never touches an MCU with a job. */
+        { "io.mcuflash1.Manager", "Rescan", AUTH_POLICY_OPEN, NULL },
+        { "io.mcuflash1.Manager", "UpdateAll", AUTH_POLICY_ACTION, "io.mcuflash1.update-all" },
+        /* Joins an identify in flight; Busy while the MCU has a job. */
+        { "io.mcuflash1.Mcu", "Refresh", AUTH_POLICY_OPEN, NULL },
+        { "io.mcuflash1.Mcu", "RebootToBootloader", AUTH_POLICY_ACTION, "io.mcuflash1.reboot" },
+        { "io.mcuflash1.Mcu", "RebootToApplication", AUTH_POLICY_ACTION, "io.mcuflash1.reboot" },
+        { "io.mcuflash1.Mcu", "Flash", AUTH_POLICY_ACTION, "io.mcuflash1.flash" },
+        { "io.mcuflash1.Job", "Cancel", AUTH_POLICY_JOB, NULL },
+        { "org.freedesktop.DBus.Properties", "Get", AUTH_POLICY_OPEN, NULL },
+        { "org.freedesktop.DBus.Properties", "GetAll", AUTH_POLICY_OPEN, NULL },
+        { "org.freedesktop.DBus.Introspectable", "Introspect", AUTH_POLICY_OPEN, NULL },
+        { "org.freedesktop.DBus.Peer", "Ping", AUTH_POLICY_OPEN, NULL },
+        { "org.freedesktop.DBus.Peer", "GetMachineId", AUTH_POLICY_OPEN, NULL },
+        { "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", AUTH_POLICY_OPEN, NULL },
 };
 
 static const struct {
@@ -63,13 +80,24 @@ const char *auth_action_for_job(const char *kind) {
         return NULL;
 }
 
-const char *auth_action_for(const char *interface, const char *member) {
+enum auth_policy auth_policy_for(const char *interface, const char *member, const char **ret_action) {
+        if (ret_action)
+                *ret_action = NULL;
         if (!interface || !member)
-                return NULL;
-        for (size_t i = 0; i < ELEMENTSOF(method_actions); i++)
-                if (streq(method_actions[i].interface, interface) && streq(method_actions[i].member, member))
-                        return method_actions[i].action;
-        return NULL;
+                return AUTH_POLICY_DENY;
+        for (size_t i = 0; i < ELEMENTSOF(method_policies); i++)
+                if (streq(method_policies[i].interface, interface) && streq(method_policies[i].member, member)) {
+                        if (ret_action)
+                                *ret_action = method_policies[i].action;
+                        return method_policies[i].policy;
+                }
+        return AUTH_POLICY_DENY;
+}
+
+const char *auth_action_for(const char *interface, const char *member) {
+        const char *action;
+
+        return auth_policy_for(interface, member, &action) == AUTH_POLICY_ACTION ? action : NULL;
 }
 
 const char *auth_result_message(int result) {

@@ -33,6 +33,27 @@ typedef void (*auth_done_fn)(void *userdata, int result);
 
 struct auth_query;
 
+/* What the bouncer (bus/bouncer.c) makes of a method call. */
+enum auth_policy {
+        AUTH_POLICY_DENY,       /* not on the list: refused to everybody, unread */
+        AUTH_POLICY_OPEN,       /* only reads state (or asks to read it again): everybody */
+        AUTH_POLICY_ACTION,     /* polkit's answer for the action comes before anything else */
+        AUTH_POLICY_JOB,        /* Job.Cancel: the job's starter, or the action of the job's kind */
+};
+
+/**
+ * auth_policy_for() - the bouncer's list: what a method call needs
+ * @interface: D-Bus interface of the method
+ * @member: method name
+ * @ret_action: for AUTH_POLICY_ACTION the polkit action, else NULL (may be NULL)
+ *
+ * Every method of every io.mcuflash1 interface is on the list; the standard
+ * interfaces sd-bus serves are open for reading (Properties.Set is denied:
+ * nothing is writable).  A method not on the list is denied, so a method
+ * added to a vtable and forgotten here can be called by nobody.
+ */
+enum auth_policy auth_policy_for(const char *interface, const char *member, const char **ret_action);
+
 /**
  * auth_action_for() - the polkit action a method needs
  * @interface: D-Bus interface of the method, e.g. "io.mcuflash1.Mcu"
@@ -41,7 +62,7 @@ struct auth_query;
  * Returns "io.mcuflash1.reboot" for Mcu.RebootToBootloader and
  * Mcu.RebootToApplication, "io.mcuflash1.flash" for Mcu.Flash,
  * "io.mcuflash1.update-all" for Manager.UpdateAll, and NULL for every other
- * method: those only read state (or re-read it) and are open to everybody.
+ * method (open ones, Job.Cancel, and those not on the list at all).
  */
 const char *auth_action_for(const char *interface, const char *member);
 

@@ -57,6 +57,12 @@ int daemon_host_start(struct daemon *d);
 void daemon_host_stop(struct daemon *d);
 /* printer.cfg was (re)read: MCUs shown as Klipper's that are not are freed. */
 void daemon_host_printercfg_changed(struct daemon *d);
+/* Does a job own @m now?  Then only the job and the link's own hotplug
+ * events touch it: never a Rescan or a Refresh. */
+static inline bool daemon_mcu_has_job(const struct mcu *m) {
+        return !streq(m->job, "/");
+}
+
 /* Is @m's link Klipper's now (Klipper runs and @m is in its printer.cfg)? */
 bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m);
 

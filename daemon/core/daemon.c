@@ -326,7 +326,7 @@ void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
 
 /* ---- rescan ------------------------------------------------------------ */
 
-int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata) {
+static int rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata) {
         struct rescan_waiter *w;
         int r;
 
@@ -343,6 +343,8 @@ int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata) 
         for (size_t i = d->registry->n_mcus; i > 0; i--) {
                 struct mcu *m = d->registry->mcus[i - 1];
 
+                if (daemon_mcu_has_job(m))
+                        continue;
                 if (m->state_id == MCU_STATE_OFFLINE) {
                         registry_remove(d->registry, m);
                         continue;
@@ -372,6 +374,19 @@ int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata) 
         if (!d->printercfg_read)
                 daemon_finish_rescans(d, 0);
         return 0;
+}
+
+/* Rescan on request: devices that are there are looked at again, but an
+ * MCU with a job is the job's alone (its link may be in the middle of a
+ * reset, or about to be opened by the job): not removed, not re-added, not
+ * identified. */
+int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata) {
+        int r;
+
+        d->rescanning = true;
+        r = rescan(d, done, userdata);
+        d->rescanning = false;
+        return r;
 }
 
 /* ---- lifecycle --------------------------------------------------------- */

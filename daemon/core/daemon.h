@@ -65,6 +65,9 @@ struct daemon {
         sd_bus_slot *job_enumerator_slot;
         struct job *jobs;               /* core/job.c's list, newest first */
         unsigned n_jobs_started;
+        unsigned n_image_loads;         /* Flash() images being read by workers (bus/mcu.c) */
+        bool rescanning;                /* inside daemon_rescan(): MCUs with a job are left alone */
+        struct bus_rescans *rescans;    /* bus/manager.c's waiting Rescan calls */
 
         struct event *sigterm_event;
         struct event *sigint_event;
@@ -84,6 +87,7 @@ int daemon_run(struct daemon *d);
 
 /* Rescan: re-read printer.cfg and the host version, drop offline MCUs,
  * enumerate devices again and re-identify MCUs whose state is unknown.
+ * An MCU with a job is left alone (not dropped, re-added or identified).
  * printer.cfg is read in a worker: @done(@d, 0, @userdata) follows on the
  * loop once the names from it are in place (at once, from within this
  * call, when there is no printer.cfg), or with -ESHUTDOWN when the daemon
@@ -94,5 +98,5 @@ int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata);
 /* Re-identify @m (Refresh).  Returns 0 when an identify runs (the answer
  * follows through bus_mcu_complete_refresh()), 1 when there is nothing to
  * ask (a USB bootloader device), -ENODEV when the MCU is offline, -EBUSY
- * when Klipper holds it. */
+ * when Klipper holds it, -EALREADY when a job has it (nothing is touched). */
 int daemon_refresh_mcu(struct daemon *d, struct mcu *m);

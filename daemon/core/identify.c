@@ -7,6 +7,7 @@
 #include "bus/mcu.h"
 #include "core/daemon-internal.h"
 #include "core/identify.h"
+#include "core/job.h"
 #include "proto/klipper.h"
 #include "shared/log.h"
 #include "transport/serial.h"
@@ -207,6 +208,10 @@ static void identify_done(void *userdata, int result) {
                         registry_commit(d->registry, m);
                         bus_mcu_complete_refresh(d, m, result);
                 }
+                /* The worker has closed the port (stale answer or not). */
+                m = registry_find_by_id(d->registry, job->req->mcu_id);
+                if (m && !m->identifying)
+                        jobs_link_released(d, m);
         }
         identify_request_free(job->req);
         free(job);
@@ -237,6 +242,10 @@ void daemon_start_identify(struct daemon *d, struct mcu *m) {
         if (m->identifying || m->link_busy || m->state_id == MCU_STATE_OFFLINE || isempty(m->device_path) ||
             m->transport_id == MCU_TRANSPORT_USB)
                 return;
+        /* A Rescan never opens the port of an MCU with a job (the job may be
+         * about to); the job's own steps and the link's hotplug events do. */
+        if (d->rescanning && daemon_mcu_has_job(m))
+                return;
         job = calloc(1, sizeof(*job));
         if (!job) {
                 log_oom();
@@ -258,6 +267,8 @@ void daemon_start_identify(struct daemon *d, struct mcu *m) {
 }
 
 int daemon_refresh_mcu(struct daemon *d, struct mcu *m) {
+        if (daemon_mcu_has_job(m))
+                return -EALREADY;
         if (daemon_mcu_held_by_klipper(d, m))
                 return -EBUSY;
         if (m->transport_id == MCU_TRANSPORT_CAN) {

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 
 #include "bus/job.h"
+#include "core/config.h"
 #include "core/daemon-internal.h"
 #include "core/job.h"
 #include "core/units.h"
@@ -237,6 +238,16 @@ void jobs_free_all(struct daemon *d) {
         }
 }
 
+/* A finished job keeps only its result (state, error, message, numbers)
+ * for late readers: the image, its memfd, buffers, fds and timers of its
+ * work go at once. */
+static void job_release(struct job *j) {
+        j->unit_op = unit_op_free(j->unit_op);
+        if (j->data && j->ops && j->ops->free)
+                j->ops->free(j);
+        j->data = NULL;
+}
+
 /* The job is over for D-Bus: final state, MCU free, Finished, retention. */
 static void job_conclude(struct job *j, enum job_state state) {
         struct daemon *d = j->daemon;
@@ -249,6 +260,7 @@ static void job_conclude(struct job *j, enum job_state state) {
                 registry_commit(d->registry, m);
         }
         bus_job_finished(d, j);
+        job_release(j);
         if (job_arm_timeout(j, d->config->job_retention_usec, job_expire) < 0)
                 log_oom();
 }
@@ -319,13 +331,48 @@ int job_cancel(struct job *j) {
         return r;
 }
 
-static void job_run_ops(struct job *j) {
+/* Start the job's own work, unless it was cancelled meanwhile. */
+static void job_run_ops_now(struct job *j) {
+        j->waiting_for_link = false;
         if (j->cancel_requested) {
                 job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
                            "Cancelled before anything was sent to the MCU.");
                 return;
         }
         j->ops->run(j);
+}
+
+/* The identify did not let go in time: start anyway; the job's step says
+ * what it finds. */
+static void on_link_wait_timeout(struct job *j) {
+        log_warning("job %u: the identify of %s did not end in time; starting anyway.", j->number, j->mcu_id);
+        job_run_ops_now(j);
+}
+
+static void job_run_ops(struct job *j) {
+        struct mcu *m = job_mcu(j);
+
+        /* An identify that began before the job holds the port for a moment
+         * more: the job's first step waits for it (jobs_link_released()),
+         * instead of finding the port taken. */
+        if (!j->cancel_requested && m && m->identifying && m->transport_id != MCU_TRANSPORT_CAN) {
+                log_debug("job %u waits for the identify of %s in progress.", j->number, m->id);
+                j->waiting_for_link = true;
+                if (job_arm_timeout(j, j->daemon->config->identify_timeout_usec + 2000000ULL,
+                                    on_link_wait_timeout) < 0)
+                        job_run_ops_now(j);
+                return;
+        }
+        job_run_ops_now(j);
+}
+
+void jobs_link_released(struct daemon *d, struct mcu *m) {
+        for (struct job *j = d->jobs; j; j = j->next)
+                if (j->waiting_for_link && !job_is_finished(j) && streq(j->mcu_id, m->id)) {
+                        job_disarm_timeout(j);
+                        job_run_ops(j);
+                        return;
+                }
 }
 
 static void on_klipper_stopped(void *userdata, int result, const char *job_result) {

@@ -106,6 +106,7 @@ struct job {
         void *data;
         atomic_bool cancel_requested;   /* read by worker code at safe points */
         bool restart_klipper;           /* we stopped Klipper for this job */
+        bool waiting_for_link;          /* ops->run() waits for an identify to let go of the port */
         struct unit_op *unit_op;
         struct event *timer;            /* the job's own timeout, then retention */
         struct job *next;
@@ -146,6 +147,10 @@ struct mcu *job_mcu(struct job *j);
 bool job_is_finished(const struct job *j);
 
 struct job *job_find_by_path(struct daemon *d, const char *path);
+
+/* An identify of @m has finished and let go of its link: a job that waits
+ * for that starts its work now. */
+void jobs_link_released(struct daemon *d, struct mcu *m);
 
 /* Tell running jobs that @m changed (called from registry commits). */
 void jobs_mcu_changed(struct daemon *d, struct mcu *m);

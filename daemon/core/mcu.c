@@ -126,6 +126,8 @@ struct mcu *mcu_free(struct mcu *m) {
         }
         if (m->offline_timer)
                 event_free(m->offline_timer);
+        if (m->refresh_timer)
+                event_free(m->refresh_timer);
         free(m->pending_refresh);
         free(m->id);
         free(m->object_path);

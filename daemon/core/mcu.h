@@ -107,6 +107,8 @@ struct mcu {
         struct daemon *daemon;          /* the daemon that tracks it */
         void **pending_refresh;         /* sd_bus_message* waiting for identify (bus layer's) */
         size_t n_pending_refresh;
+        uint64_t refresh_last_usec;     /* when Refresh last started an identify (bus layer's) */
+        struct event *refresh_timer;    /* the next one, while calls wait for it (bus layer's) */
 };
 
 const char *mcu_transport_to_string(enum mcu_transport t);

@@ -116,6 +116,8 @@ void daemon_tty_added(void *userdata, const struct udev_tty_info *info) {
                 is_new = true;
         }
 
+        if (d->rescanning && daemon_mcu_has_job(m))
+                return;         /* the job's; a Rescan does not touch it */
         daemon_cancel_offline_timer(m);
         (void) free_and_strdup(&m->syspath, info->syspath);
         (void) free_and_strdup(&m->devlinks, info->devlinks);

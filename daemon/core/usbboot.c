@@ -70,6 +70,8 @@ void daemon_usb_added(void *userdata, const struct udev_usb_info *info) {
         if (!id)
                 return;
         m = usbboot_find_mcu(d, info);
+        if (m && d->rescanning && daemon_mcu_has_job(m))
+                return;         /* the job's; a Rescan does not touch it */
         if (!m) {
                 _cleanup_free_ char *mcu_id = NULL;
 

@@ -8,7 +8,6 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +20,7 @@
 #include <json-c/json.h>
 
 #include "image/image.h"
+#include "shared/time-util.h"
 
 #define UF2_MAGIC_START0 0x0A324655u
 #define UF2_MAGIC_START1 0x9E5D5157u
@@ -32,7 +32,7 @@
 #define UF2_MAX_PAYLOAD 476
 
 #define IMAGE_FLAT_MAX ((uint64_t) 256 * 1024 * 1024)
-#define READ_TIMEOUT_MS (30 * 1000)
+#define COPY_BUFFER_SIZE (64 * 1024)
 /* Candidates (a "78 DA" that starts something inflating to '{', or a bzip2
  * stream header) that are fully decompressed and parsed before giving up;
  * real images have one. */
@@ -48,6 +48,7 @@ struct chunk {
 struct chunk_list {
         struct chunk *chunks;
         size_t n, allocated;
+        uint64_t payload;       /* bytes in all chunks */
 };
 
 static int set_message(char **ret_message, const char *fmt, ...) _printf_(2, 3);
@@ -102,9 +103,28 @@ struct image *image_free(struct image *img) {
         return NULL;
 }
 
-static int chunk_add(struct chunk_list *l, uint64_t address, const uint8_t *data, size_t size) {
+/* Add @size bytes at @address.  A piece that continues the previous one in
+ * both address and memory (consecutive Intel HEX records) extends it, so a
+ * file of many tiny records costs one entry.  Refuses more than
+ * IMAGE_MAX_CHUNKS separate pieces and more than IMAGE_MAX_PAYLOAD bytes in
+ * all (ELF program headers may point at the same bytes many times). */
+static int chunk_add(struct image *img, struct chunk_list *l, uint64_t address, const uint8_t *data, size_t size,
+                     char **ret_message) {
+        struct chunk *last = l->n > 0 ? &l->chunks[l->n - 1] : NULL;
+
         if (size == 0)
                 return 0;
+        if (size > IMAGE_MAX_PAYLOAD || l->payload + size > IMAGE_MAX_PAYLOAD)
+                return set_message(ret_message, "%s image holds more than %u bytes of data",
+                                   image_format_to_string(img->format), (unsigned) IMAGE_MAX_PAYLOAD);
+        l->payload += size;
+        if (last && last->address + last->size == address && last->data + last->size == data) {
+                last->size += size;
+                return 0;
+        }
+        if (l->n >= IMAGE_MAX_CHUNKS)
+                return set_message(ret_message, "%s image is split into more than %u separate pieces of data",
+                                   image_format_to_string(img->format), (unsigned) IMAGE_MAX_CHUNKS);
         if (l->n == l->allocated) {
                 size_t n = MAX(l->allocated * 2, (size_t) 64);
                 struct chunk *p = reallocarray(l->chunks, n, sizeof(*p));
@@ -131,7 +151,7 @@ static int chunk_compare(const void *a, const void *b) {
 /* Sort the chunks, refuse overlaps and addresses beyond 32 bits, and merge
  * adjacent chunks into segments with their own copy of the bytes. */
 static int chunks_to_segments(struct image *img, struct chunk_list *l, char **ret_message) {
-        size_t i = 0;
+        size_t i = 0, n_segments = 1;
 
         if (l->n == 0)
                 return set_message(ret_message, "%s image contains no data",
@@ -145,9 +165,15 @@ static int chunks_to_segments(struct image *img, struct chunk_list *l, char **re
                 if (k > 0 && l->chunks[k].address < l->chunks[k - 1].address + l->chunks[k - 1].size)
                         return set_message(ret_message, "%s image has overlapping data at 0x%08" PRIx64,
                                            image_format_to_string(img->format), l->chunks[k].address);
+                if (k > 0 && l->chunks[k].address != l->chunks[k - 1].address + l->chunks[k - 1].size)
+                        n_segments++;
         }
+        if (n_segments > IMAGE_MAX_SEGMENTS)
+                return set_message(ret_message, "%s image has %zu separate address ranges; at most %u are "
+                                   "accepted", image_format_to_string(img->format), n_segments,
+                                   (unsigned) IMAGE_MAX_SEGMENTS);
 
-        img->segments = calloc(l->n, sizeof(struct image_segment));
+        img->segments = calloc(n_segments, sizeof(struct image_segment));
         if (!img->segments)
                 return -ENOMEM;
 
@@ -327,7 +353,7 @@ static int parse_elf(struct image *img, const uint8_t *p, size_t len, char **ret
                                            "truncated ELF file: segment %u (0x%08" PRIx32 ", %" PRIu32
                                            " bytes) lies beyond its end", i, ph.p_paddr, ph.p_filesz);
                 /* The load address (LMA), like objcopy -O binary. */
-                r = chunk_add(&l, ph.p_paddr, p + ph.p_offset, ph.p_filesz);
+                r = chunk_add(img, &l, ph.p_paddr, p + ph.p_offset, ph.p_filesz, ret_message);
                 if (r < 0)
                         return r;
         }
@@ -427,7 +453,7 @@ static int parse_hex(struct image *img, const uint8_t *p, size_t len, char **ret
                 switch (type) {
                 case 0x00:
                         memcpy(decoded + out, record + 4, count);
-                        r = chunk_add(&l, base + offset, decoded + out, count);
+                        r = chunk_add(img, &l, base + offset, decoded + out, count, ret_message);
                         if (r < 0)
                                 return r;
                         out += count;
@@ -496,7 +522,7 @@ static int parse_uf2(struct image *img, const uint8_t *p, size_t len, char **ret
                 if (payload == 0 || payload > UF2_MAX_PAYLOAD)
                         return set_message(ret_message, "corrupt UF2: block %zu has a payload of %" PRIu32 " bytes",
                                            i, payload);
-                r = chunk_add(&l, address, b + 32, payload);
+                r = chunk_add(img, &l, address, b + 32, payload, ret_message);
                 if (r < 0)
                         return r;
         }
@@ -606,18 +632,6 @@ static int image_parse(struct image *img, char **ret_message) {
         return find_dictionary(img);
 }
 
-static int wait_readable(int fd) {
-        struct pollfd pfd = { .fd = fd, .events = POLLIN };
-        int r;
-
-        r = poll(&pfd, 1, READ_TIMEOUT_MS);
-        if (r < 0)
-                return -errno;
-        if (r == 0)
-                return -ETIMEDOUT;
-        return 0;
-}
-
 static int write_all(int fd, const uint8_t *p, size_t len) {
         while (len > 0) {
                 ssize_t n = write(fd, p, len);
@@ -633,61 +647,135 @@ static int write_all(int fd, const uint8_t *p, size_t len) {
         return 0;
 }
 
+/* What an fd that is not a regular file is, for the refusal. */
+static const char *fd_kind(mode_t mode) {
+        switch (mode & S_IFMT) {
+        case S_IFDIR:
+                return "a directory";
+        case S_IFIFO:
+                return "a pipe";
+        case S_IFSOCK:
+                return "a socket";
+        case S_IFCHR:
+                return "a character device";
+        case S_IFBLK:
+                return "a block device";
+        case S_IFLNK:
+                return "a symbolic link";
+        default:
+                return "a special file (an eventfd or similar)";
+        }
+}
+
+/* Only a regular file (a memfd is one) open for reading, and no larger
+ * than @max_size by its size: nothing else is read at all. */
+static int check_image_fd(int fd, size_t max_size, struct stat *st, char **ret_message) {
+        int flags;
+
+        flags = fcntl(fd, F_GETFL);
+        if (flags < 0)
+                return -errno;
+        if (fstat(fd, st) < 0)
+                return -errno;
+        if (!S_ISREG(st->st_mode)) {
+                set_message(ret_message, "the image fd is %s, not a regular file; pass the image file itself",
+                            fd_kind(st->st_mode));
+                return -EBADF;
+        }
+        if ((flags & O_PATH) || (flags & O_ACCMODE) == O_WRONLY) {
+                set_message(ret_message, "the image fd is not open for reading");
+                return -EBADF;
+        }
+        if (st->st_size < 0 || (uint64_t) st->st_size > max_size) {
+                set_message(ret_message, "the image file is %lld bytes; at most %zu bytes are accepted",
+                            (long long) st->st_size, max_size);
+                return -EFBIG;
+        }
+        return 0;
+}
+
+/* Copy st_size bytes from offset 0 of @fd into @dest; the file must neither
+ * shrink nor grow meanwhile, and the copy gives up at @deadline. */
+static int copy_image_fd(int fd, int dest, size_t size, uint64_t deadline, char **ret_message) {
+        _cleanup_free_ uint8_t *buf = malloc(COPY_BUFFER_SIZE);
+        size_t done = 0;
+        ssize_t n;
+        int r;
+
+        if (!buf)
+                return -ENOMEM;
+        while (done < size) {
+                if (now_usec() > deadline) {
+                        set_message(ret_message, "reading the image took too long (%zu of %zu bytes read)", done,
+                                    size);
+                        return -ETIMEDOUT;
+                }
+                n = pread(fd, buf, MIN((size_t) COPY_BUFFER_SIZE, size - done), (off_t) done);
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0) {
+                        r = -errno;
+                        set_message(ret_message, "cannot read the image file: %s", strerror(-r));
+                        return r;
+                }
+                if (n == 0) {
+                        set_message(ret_message, "the image file shrank while it was read (%zu of %zu bytes); "
+                                    "pass a file nobody is writing", done, size);
+                        return -EBADMSG;
+                }
+                r = write_all(dest, buf, (size_t) n);
+                if (r < 0)
+                        return r;
+                done += (size_t) n;
+        }
+        /* Something beyond the size it had: it is still being written. */
+        do
+                n = pread(fd, buf, 1, (off_t) size);
+        while (n < 0 && errno == EINTR);
+        if (n > 0) {
+                set_message(ret_message, "the image file grew while it was read (beyond %zu bytes); "
+                            "pass a file nobody is writing", size);
+                return -EBADMSG;
+        }
+        return 0;
+}
+
 /* Copy @fd (or @data when @fd < 0) into a new memfd, seal and map it. */
-static int image_new(int fd, const void *data, size_t len, size_t max_size, struct image **ret,
-                     char **ret_message) {
+static int image_new(int fd, const void *data, size_t len, size_t max_size, uint64_t timeout_usec,
+                     struct image **ret, char **ret_message) {
         _cleanup_(image_freep) struct image *img = NULL;
-        uint64_t total = 0;
+        uint64_t total = 0, deadline = now_usec() + timeout_usec;
         void *map;
         int r;
 
         img = calloc(1, sizeof(*img));
         if (!img)
                 return -ENOMEM;
-        img->fd = memfd_create("mcuflashd-image", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-        if (img->fd < 0)
-                return -errno;
+        img->fd = -1;
 
-        if (fd < 0) {
-                r = write_all(img->fd, data, len);
+        if (fd >= 0) {
+                struct stat st;
+
+                r = check_image_fd(fd, max_size, &st, ret_message);
                 if (r < 0)
                         return r;
-                total = len;
-        } else {
-                _cleanup_free_ uint8_t *buf = malloc(65536);
-
-                if (!buf)
-                        return -ENOMEM;
-                for (;;) {
-                        ssize_t n = read(fd, buf, 65536);
-
-                        if (n < 0) {
-                                if (errno == EINTR)
-                                        continue;
-                                if (errno == EAGAIN) {
-                                        r = wait_readable(fd);
-                                        if (r < 0)
-                                                return r;
-                                        continue;
-                                }
-                                return -errno;
-                        }
-                        if (n == 0)
-                                break;
-                        total += (size_t) n;
-                        if (total > max_size) {
-                                set_message(ret_message, "image is larger than %zu bytes", max_size);
-                                return -EFBIG;
-                        }
-                        r = write_all(img->fd, buf, (size_t) n);
-                        if (r < 0)
-                                return r;
-                }
+                len = (size_t) st.st_size;
         }
-        if (total == 0) {
+        if (len == 0) {
                 set_message(ret_message, "image is empty");
                 return -ENODATA;
         }
+
+        img->fd = memfd_create("mcuflashd-image", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (img->fd < 0)
+                return -errno;
+        if (fd < 0)
+                r = write_all(img->fd, data, len);
+        else
+                r = copy_image_fd(fd, img->fd, len, deadline, ret_message);
+        if (r < 0)
+                return r;
+        total = len;
 
         if (fcntl(img->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)
                 return -errno;
@@ -704,16 +792,16 @@ static int image_new(int fd, const void *data, size_t len, size_t max_size, stru
         return 0;
 }
 
-int image_load_fd(int fd, size_t max_size, struct image **ret, char **ret_message) {
+int image_load_fd(int fd, size_t max_size, uint64_t timeout_usec, struct image **ret, char **ret_message) {
         if (fd < 0 || !ret)
                 return -EINVAL;
-        return image_new(fd, NULL, 0, max_size, ret, ret_message);
+        return image_new(fd, NULL, 0, max_size, timeout_usec, ret, ret_message);
 }
 
 int image_load_memory(const void *data, size_t len, struct image **ret, char **ret_message) {
         if ((!data && len > 0) || !ret)
                 return -EINVAL;
-        return image_new(-1, data, len, len, ret, ret_message);
+        return image_new(-1, data, len, len, 0, ret, ret_message);
 }
 
 int image_flat(const struct image *img, uint64_t base, uint8_t **ret, size_t *ret_len) {

@@ -55,13 +55,25 @@ struct image {
 /* Largest inflated dictionary looked at when searching an image. */
 #define IMAGE_DICT_MAX_SIZE (1024 * 1024)
 
-/* Read @fd until EOF (waiting on non-blocking fds), refusing more than
- * @max_size bytes, and load it.  Returns 0; -EBADMSG when the bytes are not
- * a usable image, -EFBIG beyond @max_size, -ENODATA for an empty file (all
- * three with a message for a person in *@ret_message when that is not
- * NULL, to be freed); -ENOMEM, other -errno from reading or memfd.
- * An image without a data dictionary loads fine (dict == NULL). */
-int image_load_fd(int fd, size_t max_size, struct image **ret, char **ret_message);
+/* Limits on what an image may be made of (Intel HEX, UF2 and ELF): bytes
+ * of data in all, separate pieces before merging (consecutive HEX records
+ * count as one), and separate address ranges after merging. */
+#define IMAGE_MAX_PAYLOAD (16u * 1024 * 1024)
+#define IMAGE_MAX_CHUNKS 65536u
+#define IMAGE_MAX_SEGMENTS 256u
+
+/* Copy the regular file (a memfd is one) behind @fd, from offset 0, into a
+ * sealed memfd and load it.  Anything else — pipe, socket, device,
+ * directory, eventfd, an fd not open for reading — is refused (-EBADF)
+ * without reading a byte, and so is a file larger than @max_size by its
+ * size (-EFBIG).  A file that shrinks or grows while it is read is
+ * refused (-EBADMSG), and so is a copy not done after @timeout_usec
+ * (-ETIMEDOUT).  Blocking: call it from a worker thread.  Returns 0;
+ * -EBADMSG when the bytes are not a usable image, -ENODATA for an empty
+ * file (every refusal with a message for a person in *@ret_message when
+ * that is not NULL, to be freed); -ENOMEM, other -errno.  An image
+ * without a data dictionary loads fine (dict == NULL). */
+int image_load_fd(int fd, size_t max_size, uint64_t timeout_usec, struct image **ret, char **ret_message);
 
 /* The same from memory (tests, tools): the bytes are copied as well. */
 int image_load_memory(const void *data, size_t len, struct image **ret, char **ret_message);

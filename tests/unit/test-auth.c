@@ -46,6 +46,28 @@ static void test_exact_match(void **state) {
         assert_null(auth_action_for("io.mcuflash1.Mcu", NULL));
 }
 
+/* The bouncer's list: every method is on it, and what is not is denied. */
+static void test_policy_list(void **state) {
+        const char *action = "x";
+
+        assert_int_equal(auth_policy_for("io.mcuflash1.Mcu", "Flash", &action), AUTH_POLICY_ACTION);
+        assert_string_equal(action, "io.mcuflash1.flash");
+        assert_int_equal(auth_policy_for("io.mcuflash1.Mcu", "Refresh", &action), AUTH_POLICY_OPEN);
+        assert_null(action);
+        assert_int_equal(auth_policy_for("io.mcuflash1.Manager", "Rescan", NULL), AUTH_POLICY_OPEN);
+        assert_int_equal(auth_policy_for("io.mcuflash1.Job", "Cancel", &action), AUTH_POLICY_JOB);
+        assert_null(action);
+        assert_int_equal(auth_policy_for("org.freedesktop.DBus.Properties", "GetAll", NULL), AUTH_POLICY_OPEN);
+        /* Not on the list: denied. */
+        assert_int_equal(auth_policy_for("org.freedesktop.DBus.Properties", "Set", NULL), AUTH_POLICY_DENY);
+        assert_int_equal(auth_policy_for("io.mcuflash1.Mcu", "Erase", &action), AUTH_POLICY_DENY);
+        assert_null(action);
+        assert_int_equal(auth_policy_for("io.mcuflash1.Mcu", "flash", NULL), AUTH_POLICY_DENY);
+        assert_int_equal(auth_policy_for(NULL, "Flash", NULL), AUTH_POLICY_DENY);
+        assert_int_equal(auth_policy_for("io.mcuflash1.Mcu", NULL, NULL), AUTH_POLICY_DENY);
+        assert_null(auth_action_for("io.mcuflash1.Job", "Cancel"));
+}
+
 static void test_result_messages(void **state) {
         assert_string_equal(auth_result_message(-EACCES), "polkit is not available; only root may do this.");
         assert_non_null(strstr(auth_result_message(0), "denied"));
@@ -59,6 +81,7 @@ int main(void) {
                 cmocka_unit_test(test_mutating_methods),
                 cmocka_unit_test(test_reads_are_open),
                 cmocka_unit_test(test_exact_match),
+                cmocka_unit_test(test_policy_list),
                 cmocka_unit_test(test_result_messages),
         };
 

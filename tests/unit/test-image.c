@@ -18,6 +18,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -28,6 +31,7 @@
 #define VECTOR_WORDS 64
 #define APP_SIZE (12 * 1024)
 #define DICT_OFFSET 0x803       /* unaligned, like .rodata */
+#define TIMEOUT (10ULL * 1000000ULL)
 
 struct buf {
         uint8_t *data;
@@ -834,7 +838,7 @@ static void test_fd_sealed_and_max_size(void **state) {
         unlink(path);
         assert_int_equal(write(fd, app.data, app.len), (ssize_t) app.len);
         assert_int_equal(lseek(fd, 0, SEEK_SET), 0);
-        assert_int_equal(image_load_fd(fd, 1024 * 1024, &img, NULL), 0);
+        assert_int_equal(image_load_fd(fd, 1024 * 1024, TIMEOUT, &img, NULL), 0);
         assert_int_not_equal(img->fd, fd);
         seals = fcntl(img->fd, F_GET_SEALS);
         assert_int_equal(seals & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL),
@@ -844,24 +848,151 @@ static void test_fd_sealed_and_max_size(void **state) {
         assert_non_null(img->dict);
 
         assert_int_equal(lseek(fd, 0, SEEK_SET), 0);
-        assert_int_equal(image_load_fd(fd, APP_SIZE - 1, &big, &message), -EFBIG);
+        assert_int_equal(image_load_fd(fd, APP_SIZE - 1, TIMEOUT, &big, &message), -EFBIG);
         assert_null(big);
         assert_non_null(message);
         close(fd);
 
-        /* From a non-blocking pipe, as a D-Bus caller hands it over. */
+        /* A memfd is a regular file too. */
         {
-                _cleanup_(image_freep) struct image *piped = NULL;
-                int p[2];
+                _cleanup_(image_freep) struct image *from_memfd = NULL;
+                int mfd = memfd_create("test-image", MFD_CLOEXEC);
 
-                assert_int_equal(pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
-                assert_int_equal(write(p[1], app.data, 4096), 4096);
-                close(p[1]);
-                assert_int_equal(image_load_fd(p[0], 1024 * 1024, &piped, NULL), 0);
-                assert_int_equal(piped->file_size, 4096);
-                close(p[0]);
+                assert_true(mfd >= 0);
+                assert_int_equal(write(mfd, app.data, app.len), (ssize_t) app.len);
+                assert_int_equal(image_load_fd(mfd, 1024 * 1024, TIMEOUT, &from_memfd, NULL), 0);
+                assert_int_equal(from_memfd->file_size, app.len);
+                close(mfd);
         }
         buf_free(&app);
+}
+
+/* Load @fd expecting -@error and a message containing @words. */
+static void assert_fd_refused(int fd, int error, const char *words) {
+        _cleanup_(image_freep) struct image *img = NULL;
+        _cleanup_free_ char *message = NULL;
+
+        assert_true(fd >= 0);
+        assert_int_equal(image_load_fd(fd, 16 * 1024 * 1024, TIMEOUT, &img, &message), error);
+        assert_null(img);
+        assert_non_null(message);
+        if (!strstr(message, words))
+                fail_msg("'%s' does not say '%s'", message, words);
+        close(fd);
+}
+
+/* Nothing but a readable regular file is read at all: none of these may
+ * block or take long (the pipe's writer stays open, nothing is written). */
+static void test_fd_kinds_refused(void **state) {
+        char path[] = "/tmp/test-image-XXXXXX";
+        int p[2], sv[2], fd;
+
+        (void) state;
+        assert_int_equal(pipe2(p, O_CLOEXEC), 0);
+        assert_fd_refused(p[0], -EBADF, "pipe");
+        close(p[1]);
+        assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+        assert_fd_refused(sv[0], -EBADF, "socket");
+        close(sv[1]);
+        assert_fd_refused(eventfd(0, EFD_CLOEXEC), -EBADF, "not a regular file");
+        assert_fd_refused(open("/dev/zero", O_RDONLY | O_CLOEXEC), -EBADF, "character device");
+        assert_fd_refused(open("/tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC), -EBADF, "directory");
+
+        fd = mkstemp(path);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, ":00000001FF\n", 12), 12);
+        close(fd);
+        assert_fd_refused(open(path, O_WRONLY | O_CLOEXEC), -EBADF, "not open for reading");
+        assert_fd_refused(open(path, O_PATH | O_CLOEXEC), -EBADF, "not open for reading");
+        /* A 2 GiB sparse file: refused by its size, nothing read. */
+        fd = open(path, O_RDWR | O_CLOEXEC);
+        assert_int_equal(ftruncate(fd, (off_t) 2 * 1024 * 1024 * 1024), 0);
+        assert_fd_refused(fd, -EFBIG, "at most 16777216 bytes");
+        /* A truncated HEX file: a clear message. */
+        fd = open(path, O_RDWR | O_TRUNC | O_CLOEXEC);
+        assert_int_equal(write(fd, ":100000000102030405", 19), 19);
+        assert_fd_refused(fd, -EBADMSG, "truncated Intel HEX");
+        unlink(path);
+}
+
+/* One Intel HEX record of @n bytes (type @type) at the low 16 bits @a. */
+static void hex_record(struct buf *b, uint8_t type, uint16_t a, const uint8_t *data, size_t n) {
+        uint8_t rec[5 + 255] = { (uint8_t) n, (uint8_t) (a >> 8), (uint8_t) a, type };
+        char line[2 * sizeof(rec) + 4];
+        unsigned sum = 0;
+        int k = 0;
+
+        memcpy(rec + 4, data, n);
+        line[k++] = ':';
+        for (size_t i = 0; i < n + 4; i++) {
+                sum += rec[i];
+                k += snprintf(line + k, sizeof(line) - (size_t) k, "%02X", rec[i]);
+        }
+        k += snprintf(line + k, sizeof(line) - (size_t) k, "%02X\n", (unsigned) (-sum & 0xff));
+        buf_append(b, line, (size_t) k);
+}
+
+/* @count one-byte records from @address, each @step bytes after the last. */
+static struct buf make_tiny_record_hex(uint32_t address, size_t count, uint32_t step) {
+        struct buf b = {};
+        int upper = -1;
+
+        for (size_t i = 0; i < count; i++) {
+                uint32_t a = address + (uint32_t) i * step;
+                uint8_t byte = (uint8_t) (i * 7);
+
+                if ((int) (a >> 16) != upper) {
+                        uint8_t ext[2] = { (uint8_t) (a >> 24), (uint8_t) (a >> 16) };
+
+                        upper = (int) (a >> 16);
+                        hex_record(&b, 4, 0, ext, 2);
+                }
+                hex_record(&b, 0, (uint16_t) a, &byte, 1);
+        }
+        hex_record(&b, 1, 0, NULL, 0);
+        return b;
+}
+
+/* A HEX file of many 1-byte records costs one segment, not one per record
+ * (a 16 MiB file of them once took 120 MB); scattered pieces are capped. */
+static void test_hex_caps(void **state) {
+        (void) state;
+        {
+                struct buf hex = make_tiny_record_hex(0x08000000, 200000, 1);
+                _cleanup_(image_freep) struct image *img = NULL;
+                _cleanup_free_ char *message = NULL;
+
+                assert_int_equal(image_load_memory(hex.data, hex.len, &img, &message), 0);
+                assert_int_equal(img->n_segments, 1);
+                assert_int_equal(img->data_size, 200000);
+                assert_int_equal(img->lowest_address, 0x08000000);
+                assert_int_equal(img->segments[0].data[199999], (uint8_t) (199999 * 7));
+                buf_free(&hex);
+        }
+        {
+                /* 256 separate ranges are fine, 257 are not. */
+                struct buf ok = make_tiny_record_hex(0x08000000, IMAGE_MAX_SEGMENTS, 2);
+                struct buf hex = make_tiny_record_hex(0x08000000, IMAGE_MAX_SEGMENTS + 1, 2);
+                _cleanup_(image_freep) struct image *img = NULL, *fine = NULL;
+                _cleanup_free_ char *message = NULL;
+
+                assert_int_equal(image_load_memory(ok.data, ok.len, &fine, NULL), 0);
+                assert_int_equal(fine->n_segments, IMAGE_MAX_SEGMENTS);
+                assert_int_equal(image_load_memory(hex.data, hex.len, &img, &message), -EBADMSG);
+                assert_null(img);
+                assert_non_null(strstr(message, "257 separate address ranges"));
+                buf_free(&ok);
+                buf_free(&hex);
+        }
+        {
+                struct buf hex = make_tiny_record_hex(0x08000000, IMAGE_MAX_CHUNKS + 1, 2);
+                _cleanup_(image_freep) struct image *img = NULL;
+                _cleanup_free_ char *message = NULL;
+
+                assert_int_equal(image_load_memory(hex.data, hex.len, &img, &message), -EBADMSG);
+                assert_non_null(strstr(message, "more than 65536 separate pieces"));
+                buf_free(&hex);
+        }
 }
 
 /* Truncations and byte flips of every format must fail cleanly or load. */
@@ -937,6 +1068,8 @@ int main(void) {
                 cmocka_unit_test(test_too_big_for_the_chip),
                 cmocka_unit_test(test_chip_flash_sizes),
                 cmocka_unit_test(test_fd_sealed_and_max_size),
+                cmocka_unit_test(test_fd_kinds_refused),
+                cmocka_unit_test(test_hex_caps),
                 cmocka_unit_test(test_fuzz_no_crash),
         };
 
