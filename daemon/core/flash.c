@@ -164,6 +164,8 @@ static void flash_refused_back(struct job *j) {
                    "application again.", f->refusal ?: "the image does not fit this MCU");
 }
 
+_Static_assert(MCU_FLASH_START_UNKNOWN == IMAGE_START_UNKNOWN, "one spelling of an unknown start");
+
 /* What an image is checked against: what the MCU says about itself, and
  * the chip's flash size where mcuflashd.conf states it. */
 static struct image_target flash_target(struct daemon *d, const struct mcu *m) {
@@ -242,7 +244,7 @@ static void flash_in_bootloader(struct job *j) {
                 .data = f->data,
                 .size = f->size,
                 .start = start,
-                .app_start = m->flash_start ?: start,
+                .app_start = m->flash_start != MCU_FLASH_START_UNKNOWN ? m->flash_start : start,
                 .mcu_type = m->mcu_type,
         };
         /* The reboot step copied the link when it started; the bootloader
@@ -336,7 +338,7 @@ int flash_check(struct daemon *d, struct mcu *m, struct image *img, bool stop_kl
         r = image_check(img, &target, &start, &kind, &message);
         /* Where the application goes may only be known once the bootloader
          * answers (Katapult tells): then that check waits until then. */
-        if (r < 0 && !(kind == IMAGE_CHECK_UNKNOWN_TARGET && m->flash_start == 0 &&
+        if (r < 0 && !(kind == IMAGE_CHECK_UNKNOWN_TARGET && m->flash_start == MCU_FLASH_START_UNKNOWN &&
                        (streq(m->bootloader, "katapult") || streq(m->bootloader, "unknown")))) {
                 *ret_error = kind == IMAGE_CHECK_INVALID ? MCUFLASH_ERROR_INVALID_IMAGE :
                              kind == IMAGE_CHECK_UNKNOWN_TARGET ? MCUFLASH_ERROR_UNSUPPORTED :

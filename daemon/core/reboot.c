@@ -98,7 +98,8 @@ static int reboot_to_application(struct reboot *rb) {
         }
         if (streq(rb->bootloader, "stm32-dfu"))
                 return dfu_leave_to_application(rb->busnum, rb->devnum,
-                                                (uint32_t) (rb->flash_start ?: DFU_STM32_FLASH_BASE));
+                                                (uint32_t) (rb->flash_start != MCU_FLASH_START_UNKNOWN ?
+                                                            rb->flash_start : DFU_STM32_FLASH_BASE));
         if (streq(rb->bootloader, "picoboot"))
                 return picoboot_reboot_to_application(rb->busnum, rb->devnum);
         return -EOPNOTSUPP;

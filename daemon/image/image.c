@@ -94,6 +94,7 @@ struct image *image_free(struct image *img) {
                 free(img->segments[i].allocated);
         free(img->segments);
         klipper_dict_free(img->dict);
+        free(img->kconfig);
         if (img->map)
                 munmap((void *) img->map, img->file_size);
         safe_close(img->fd);
