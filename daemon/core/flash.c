@@ -153,6 +153,7 @@ static void flash_worker_done(void *userdata, int result) {
                 registry_commit(j->daemon->registry, m);
         log_info("job %u: %zu bytes written to %s at 0x%08llx and verified.", j->number, f->size, j->mcu_id,
                  (unsigned long long) f->start);
+        f->rb.after = "the write";
         reboot_step(j, false, flash_back_in_application);
 }
 

@@ -983,7 +983,7 @@ static const char *fwimage_dir(void) {
 static bool fwimage_available(void) {
         if (fwimage_dir())
                 return true;
-        print_message("SKIPPED: no Klipper-like test images: %s\n",
+        print_message("# SKIPPED: no Klipper-like test images: %s\n",
                       getenv("MCUFLASHD_FWIMAGE_DIR") ? "arm-none-eabi-gcc is not installed" :
                       "MCUFLASHD_FWIMAGE_DIR is not set (run through meson test)");
         return false;
