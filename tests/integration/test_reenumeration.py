@@ -249,8 +249,17 @@ def test_katapult_boot_targets():
     core = kc.KatapultCore("rp2040", app_start=0x10004000)
     assert core.boot_target(None) == ("katapult", None)
     assert core.boot_target('{"version": "x"}') == ("klipper", '{"version": "x"}')
+    # A vector table that starts at 0x10004000, no dictionary: a foreign application.
+    core.feed(kc.frame(kc.SEND_BLOCK, struct.pack("<III", 0x10004000, 0x20042000, 0x10004021) + b"\0" * 56))
+    assert core.boot_target('{"version": "x"}') == ("foreign", None) and core.boot_failure is None
+    # Linked elsewhere (reset handler outside what was written): Katapult stays.
+    core.feed(kc.frame(kc.SEND_BLOCK, struct.pack("<III", 0x10004000, 0x20042000, 0x10000141) + b"\0" * 56))
+    assert core.boot_target('{"version": "x"}') == ("katapult", None)
+    assert "reset handler 0x10000140 lies outside" in core.boot_failure
+    # No stack pointer in RAM: nothing runs either.
     core.feed(kc.frame(kc.SEND_BLOCK, struct.pack("<I", 0x10004000) + b"\0" * 64))
-    assert core.boot_target('{"version": "x"}') == ("foreign", None)
+    assert core.boot_target('{"version": "x"}') == ("katapult", None)
+    assert "not in RAM" in core.boot_failure
 
 
 def test_klipper_sim_sees_the_1200_baud_touch_on_a_pty():
@@ -405,7 +414,8 @@ def test_foreign_image_leaves_nothing_on_the_port(testbed, monitor):
     klipper_mcu.touch_1200(board.devnode)
     board.wait_mode("katapult")
     monitor.events(8)
-    katapult_session(board.devnode, *flash_commands(b"\x12" * 256, 0x08002000),
+    foreign = struct.pack("<II", 0x20010000, 0x08002041) + b"\x12" * 248
+    katapult_session(board.devnode, *flash_commands(foreign, 0x08002000),
                      (kc.COMPLETE, b""))
     board.wait_mode("foreign", present=False)
     assert summary(monitor.events(8, timeout=1))[-1] == ("remove", "usb", "usb_device", "1-1.4")

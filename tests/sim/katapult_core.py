@@ -16,7 +16,9 @@ decides when the "reset" happens (Katapult jumps to the application about
 0.1 s later, COMPLETE_DELAY) and asks boot_target() what then runs: the
 flashed image if it carries a Klipper data dictionary (§15.2), a foreign
 application if it does not, the previous application if nothing was
-flashed, or Katapult again when there is no application at all.
+flashed, or Katapult again when there is no application at all — or when
+the flashed image would not start at the application address (its vector
+table does not fit there, cortexm_boot.py; boot_failure says why).
 
 It does no I/O, no timing and no threading: can_node.py (CAN) and
 katapult_serial.py (USB CDC and UART ptys) do that.  Host-side helpers
@@ -27,6 +29,7 @@ import json
 import struct
 import zlib
 
+import cortexm_boot
 import klipper_proto
 
 DEFAULT_KATAPULT_VERSION = "v0.0.1-95-g2b22438"
@@ -168,6 +171,7 @@ class KatapultCore:
         self.log = log
         self.garbage = False
         self.completes = 0
+        self.boot_failure = None        # why the flashed image did not start, or None
         self.reset()
 
     def reset(self):
@@ -295,7 +299,12 @@ class KatapultCore:
         ("klipper", dictionary JSON), ("foreign", None) for a flashed image
         without a Klipper dictionary, or ("katapult", None) when there is
         no application (Katapult stays)."""
+        self.boot_failure = None
         if self.flash:
+            self.boot_failure = cortexm_boot.check(self.image().rstrip(b"\xff"), self.app_start, self.mcu)
+            if self.boot_failure:
+                self._debug("the application does not start (%s): Katapult stays", self.boot_failure)
+                return "katapult", None
             dictionary = find_klipper_dictionary(self.image())
             if dictionary is None:
                 return "foreign", None
