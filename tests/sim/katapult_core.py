@@ -150,12 +150,16 @@ class KatapultCore:
     random        random.Random for the "garbage" behaviour (set .garbage
                   True: every valid frame is answered with junk instead)
     log           callable(text) for debug lines
+    jump_to       where the MCU really starts the application (default
+                  app_start): a Katapult that reports one start and jumps
+                  to another, so that an image the host accepted can still
+                  fail to start
     """
 
     def __init__(self, mcu, app_start=0x08002000, block_size=64, page_size=2048,
                  katapult_version=DEFAULT_KATAPULT_VERSION, proto_version=PROTO_VERSION,
                  canbus_uuid=None, flash=None, commands=None, stats=None, on_complete=None,
-                 random=None, log=None):
+                 random=None, log=None, jump_to=None):
         self.mcu = mcu
         self.app_start = app_start
         self.block_size = block_size
@@ -172,6 +176,7 @@ class KatapultCore:
         self.garbage = False
         self.completes = 0
         self.boot_failure = None        # why the flashed image did not start, or None
+        self.jump_to = jump_to
         self.reset()
 
     def reset(self):
@@ -285,13 +290,14 @@ class KatapultCore:
 
     # -- state for the transport -------------------------------------------
 
-    def image(self):
-        """The flashed bytes from app_start to the end of the highest block."""
+    def image(self, start=None):
+        """The flashed bytes from app_start (or @start, block-aligned) to
+        the end of the highest block."""
         if not self.flash:
             return b""
         end = max(self.flash) + self.block_size
         return b"".join(self.flash.get(a, b"\xff" * self.block_size)
-                        for a in range(self.app_start, end, self.block_size))
+                        for a in range(self.app_start if start is None else start, end, self.block_size))
 
     def boot_target(self, app_dictionary):
         """What Katapult's application jump leads to, given the dictionary
@@ -301,7 +307,8 @@ class KatapultCore:
         no application (Katapult stays)."""
         self.boot_failure = None
         if self.flash:
-            self.boot_failure = cortexm_boot.check(self.image().rstrip(b"\xff"), self.app_start, self.mcu)
+            jump = self.app_start if self.jump_to is None else self.jump_to
+            self.boot_failure = cortexm_boot.check(self.image(jump).rstrip(b"\xff"), jump, self.mcu)
             if self.boot_failure:
                 self._debug("the application does not start (%s): Katapult stays", self.boot_failure)
                 return "katapult", None
