@@ -65,35 +65,66 @@ class Variant:
         return out
 
 
-def _stm32(mcu, start, cpu, ram_top, link="usb"):
-    # Cortex-M0 (STM32F0) has no VTOR: its bootloader builds copy the table.
-    vtor = "vtor" if cpu != "cortex-m0" else ("copy" if start != 0x08000000 else None)
-    return Variant(mcu, start, cpu, 0x20000000, ram_top - 0x20000000, ram_top, vtor=vtor, link=link)
+# config.MCU prefix -> (CPU, RAM start, initial SP, VTOR kind, handlers in RAM)
+# (protocols.md §15.3).  Cortex-M0 (STM32F0) has no VTOR: its bootloader
+# builds copy the table to RAM ("copy"); SAMD, SAM3X and LPC176x startup
+# code sets no VTOR.
+FAMILIES = [
+    ("stm32f0", ("cortex-m0", 0x20000000, 0x20004000, "copy", False)),
+    ("stm32f1", ("cortex-m3", 0x20000000, 0x20010000, "vtor", False)),
+    ("stm32f4", ("cortex-m4", 0x20000000, 0x20020000, "vtor", False)),
+    ("stm32f429", ("cortex-m4", 0x20000000, 0x20030000, "vtor", False)),
+    ("stm32g0", ("cortex-m0plus", 0x20000000, 0x20024000, "vtor", False)),
+    ("stm32h7", ("cortex-m7", 0x20000000, 0x20020000, "vtor", False)),
+    ("samd21", ("cortex-m0plus", 0x20000000, 0x20008000, None, False)),
+    ("samd51", ("cortex-m4", 0x20000000, 0x20040000, None, False)),
+    ("sam3x", ("cortex-m3", 0x20000000, 0x20018000, None, False)),
+    ("lpc176", ("cortex-m3", 0x10000000, 0x10008000, None, False)),
+    ("rp2040", ("cortex-m0plus", 0x20000000, 0x20042000, "vtor", True)),
+]
+FLASH_BASES = {"stm32": 0x08000000, "rp2040": 0x10000000, "sam3x": 0x80000}
+
+
+def make_variant(mcu, start, link="usb"):
+    """A Variant for any @mcu of FAMILIES linked at @start (an RP2040 at
+    0x10000000 is a no-bootloader build with boot2)."""
+    found = None
+    for prefix, values in FAMILIES:
+        if mcu.startswith(prefix) and (found is None or len(prefix) > len(found[0])):
+            found = (prefix, values)
+    if found is None:
+        raise KeyError("fwimage knows no family for %s" % mcu)
+    cpu, ram_start, stack_end, vtor, ram_handlers = found[1]
+    base = next((b for p, b in FLASH_BASES.items() if mcu.startswith(p)), 0)
+    if vtor == "copy" and start == base:
+        vtor = None             # nothing to relocate without a bootloader
+    boot2 = mcu.startswith("rp2040") and start == 0x10000000
+    return Variant(mcu, start, cpu, ram_start, stack_end - ram_start, stack_end, vtor=vtor,
+                   ram_handlers=ram_handlers, boot2=boot2, link=link,
+                   flash_length=0x200000 if mcu.startswith("rp2040") else 0x100000)
 
 
 # protocols.md §15.3/§15.4: each family at the link addresses Klipper offers.
 VARIANTS = [
-    _stm32("stm32f072xb", 0x08000000, "cortex-m0", 0x20004000, link="can"),
-    _stm32("stm32f072xb", 0x08002000, "cortex-m0", 0x20004000, link="can"),
-    _stm32("stm32f103xe", 0x08000000, "cortex-m3", 0x20010000),
-    _stm32("stm32f103xe", 0x08002000, "cortex-m3", 0x20010000),
-    _stm32("stm32f103xe", 0x08000800, "cortex-m3", 0x20010000),
-    _stm32("stm32f429xx", 0x08000000, "cortex-m4", 0x20030000),
-    _stm32("stm32f429xx", 0x08008000, "cortex-m4", 0x20030000),
-    _stm32("stm32f429xx", 0x08004000, "cortex-m4", 0x20030000),
-    _stm32("stm32g0b1xx", 0x08002000, "cortex-m0plus", 0x20024000, link="can"),
-    _stm32("stm32h723xx", 0x08020000, "cortex-m7", 0x20020000, link="canbridge"),
-    Variant("samd21g18a", 0x2000, "cortex-m0plus", 0x20000000, 0x8000, 0x20008000),
-    Variant("samd21g18a", 0x0, "cortex-m0plus", 0x20000000, 0x8000, 0x20008000),
-    Variant("samd51p20a", 0x4000, "cortex-m4", 0x20000000, 0x40000, 0x20040000),
+    make_variant("stm32f072xb", 0x08000000, link="can"),
+    make_variant("stm32f072xb", 0x08002000, link="can"),
+    make_variant("stm32f103xe", 0x08000000),
+    make_variant("stm32f103xe", 0x08002000),
+    make_variant("stm32f103xe", 0x08000800),
+    make_variant("stm32f429xx", 0x08000000),
+    make_variant("stm32f429xx", 0x08008000),
+    make_variant("stm32f429xx", 0x08004000),
+    make_variant("stm32g0b1xx", 0x08002000, link="can"),
+    make_variant("stm32h723xx", 0x08020000, link="canbridge"),
+    make_variant("samd21g18a", 0x2000),
+    make_variant("samd21g18a", 0x0),
+    make_variant("samd51p20a", 0x4000),
     # SAM3X: no bootloader (ROM SAM-BA), SP at the top of SRAM0+SRAM1.
-    Variant("sam3x8e", 0x80000, "cortex-m3", 0x20000000, 0x18000, 0x20018000),
-    Variant("lpc1769", 0x4000, "cortex-m3", 0x10000000, 0x8000, 0x10008000),
-    Variant("lpc1769", 0x0, "cortex-m3", 0x10000000, 0x8000, 0x10008000),
-    Variant("rp2040", 0x10004000, "cortex-m0plus", 0x20000000, 0x42000, 0x20042000, vtor="vtor",
-            ram_handlers=True, flash_length=0x200000),
-    Variant("rp2040", 0x10000000, "cortex-m0plus", 0x20000000, 0x42000, 0x20042000, vtor="vtor",
-            ram_handlers=True, boot2=True, flash_length=0x200000),
+    make_variant("sam3x8e", 0x80000),
+    make_variant("lpc1769", 0x4000),
+    make_variant("lpc1769", 0x0),
+    make_variant("rp2040", 0x10004000),
+    make_variant("rp2040", 0x10000000),
 ]
 
 
@@ -104,13 +135,6 @@ def compiler():
 
 def objcopy():
     return shutil.which("arm-none-eabi-objcopy")
-
-
-def variant(mcu, start):
-    for v in VARIANTS:
-        if v.mcu == mcu and v.start == start:
-            return v
-    raise KeyError("no fwimage variant %s at 0x%08x" % (mcu, start))
 
 
 def _uf2(address, data, family):
@@ -176,9 +200,10 @@ def build(v, outdir, version=DEFAULT_VERSION, name=None, extra_config=None):
     return out
 
 
-def build_bytes(mcu, start, fmt, version=DEFAULT_VERSION, extra_config=None):
-    """The bytes of one image (tests): built in a temporary directory."""
-    v = variant(mcu, start)
+def build_bytes(mcu, start, fmt, version=DEFAULT_VERSION, link="usb", extra_config=None):
+    """The bytes of one image of @mcu linked at @start (tests), built in a
+    temporary directory."""
+    v = make_variant(mcu, start, link=link)
     with tempfile.TemporaryDirectory(prefix="fwimage-out-") as tmp:
         paths = build(v, tmp, version=version, extra_config=extra_config)
         with open(paths[fmt], "rb") as f:
