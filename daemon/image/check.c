@@ -31,6 +31,9 @@
 /* Link addresses are at least 256-byte aligned (the vector table's VTOR
  * alignment). */
 #define LINK_ALIGNMENT 0x100
+/* Images larger than this are not searched for link-address literals (real
+ * Klipper builds are tens of KiB; the search must stay cheap on the loop). */
+#define EVIDENCE_MAX_SIZE (2 * 1024 * 1024)
 
 struct ram_range {
         uint64_t start, size;
@@ -318,7 +321,7 @@ static void bin_evidence(const struct image *img, const struct flash_family *f, 
                 ret->source = "its build config";
                 return;
         }
-        if (!sp_in_ram(f, ret->vectors.sp))
+        if (!sp_in_ram(f, ret->vectors.sp) || size > EVIDENCE_MAX_SIZE)
                 return;
         a = data_copy_link_address(f, p, size, &ret->vectors);
         if (a != UINT64_MAX) {

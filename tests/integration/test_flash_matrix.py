@@ -177,3 +177,24 @@ def test_image_that_does_not_start_leaves_the_mcu_in_katapult(testbed, klipper_c
     p = props(dbus_client, "mcu")
     assert p["State"] == "bootloader" and p["Bootloader"] == "katapult", p
     assert board.history[-2:] == ["katapult", "katapult"], board.history
+
+
+def test_flash_start_unknown_is_not_zero(testbed, klipper_checkout, printer_cfg, daemon, dbus_client, wait_for,
+                                         ctl):
+    """FlashStart shows 0xFFFFFFFFFFFFFFFF (and `info --json` "") when no one
+    stated it; 0x0 is a real start (a SAMD21 without a bootloader) and is
+    shown as such."""
+    import json
+
+    klipper_checkout(HOST)
+    unknown = testbed.add_klipper_usb(serial="AAAA00000000000000000001", version=OLD, mcu="stm32f429xx",
+                                      bootloader="stm32-dfu")
+    zero = testbed.add_klipper_usb(serial="AAAA00000000000000000002", version=OLD, mcu="samd21g18a")
+    printer_cfg("[mcu]\nserial: %s\n\n[mcu zero]\nserial: %s\n" % (unknown.by_id, zero.by_id))
+    daemon(extra_config="\n[Mcu AAAA00000000000000000002]\nFlashStart=0x0\n")
+    assert wait_app(dbus_client, wait_for, "mcu")["FlashStart"] == 2 ** 64 - 1
+    assert wait_app(dbus_client, wait_for, "mcu zero")["FlashStart"] == 0
+    out = ctl("info", "mcu", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["flash_start"] == "", out.stdout + out.stderr
+    out = ctl("info", "mcu zero", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["flash_start"] == "0x00000000", out.stdout + out.stderr
