@@ -163,11 +163,12 @@ def katapult_session(path, *commands):
     return info, answers
 
 
-def firmware_image(version, mcu, link="usb"):
-    """A flat .bin like a Klipper build: vector table, code, and the
+def firmware_image(version, mcu, link="usb", start=0x08008000):
+    """A flat .bin like a Klipper build linked at @start: vector table
+    (the simulated bootloaders start it only there), code, and the
     compressed data dictionary somewhere inside, padded to 64 bytes."""
     _, compressed = klipper_dict.build(version, mcu, link=link)
-    image = struct.pack("<II", 0x20020000, 0x08008101) + b"\x5a" * 1016 + compressed
+    image = struct.pack("<II", 0x20020000, start + 0x101) + b"\x5a" * 1016 + compressed
     return image + b"\xff" * (-len(image) % 64)
 
 
@@ -386,7 +387,7 @@ def test_katapult_flash_over_usb_boots_the_new_version(testbed, monitor):
     # full (net.unix.max_dgram_qlen, 10 by default).
     assert len(monitor.events(8)) == 8
     board.wait_mode("katapult")
-    image = firmware_image(NEW_VERSION, "rp2040")
+    image = firmware_image(NEW_VERSION, "rp2040", start=0x10004000)
     info, answers = katapult_session(board.devnode, *flash_commands(image, 0x10004000),
                                      (kc.COMPLETE, b""))
     assert info["app_start"] == 0x10004000 and info["mcu"] == "rp2040"
@@ -489,7 +490,7 @@ def test_uart_magic_switches_the_same_tty_to_katapult_and_back(testbed, monitor,
         assert klipper.bootloader_request_how == "serial-magic"
         info = katapult_serial.host_connect(fd)
         assert info["mcu"] == "stm32f103xe" and info["app_start"] == 0x08002000
-        image = firmware_image(NEW_VERSION, "stm32f103xe", link="serial")
+        image = firmware_image(NEW_VERSION, "stm32f103xe", link="serial", start=0x08002000)
         for cmd, payload in flash_commands(image, 0x08002000) + [(kc.COMPLETE, b"")]:
             assert katapult_serial.host_command(fd, cmd, payload)[0] == kc.ACK
     finally:
