@@ -3,8 +3,9 @@
  * a zlib-compressed JSON data dictionary, plus small encoders for each
  * format), refusing truncated, corrupt and foreign files with a message,
  * and checking images against MCUs (type, start address, size).  The
- * realistic images of tests/tools/mkimage.py are not used here so that the
- * unit tests need nothing but this file. */
+ * start checks also run on images compiled from real startup code
+ * (tests/tools/fwimage, built by meson into MCUFLASHD_FWIMAGE_DIR; skipped
+ * without arm-none-eabi-gcc). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
