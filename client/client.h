@@ -57,6 +57,7 @@ typedef struct McuInfo {
         char *firmware;
         char *firmware_version;
         char *build_versions;
+        char *build_config;
         char *mcu_type;
         uint64_t flash_start;
         char *version_matches_host;

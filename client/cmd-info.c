@@ -41,6 +41,7 @@ static const struct {
         { "firmware",             "Firmware"       },
         { "version",              "Version"        },
         { "build_versions",       "Build versions" },
+        { "build_config",         "Build config"   },
         { "mcu_type",             "MCU type"       },
         { "flash_start",          "Flash start"    },
         { "version_matches_host", "Matches host"   },
@@ -55,6 +56,34 @@ static const char *label_of(const char *key) {
         return key;
 }
 
+/* The build config is many CONFIG_…=… lines: one per line below the label,
+ * indented.  Klipper firmware without one says so (older than v0.13.0-753);
+ * for anything else there is nothing to say. */
+static void print_build_config(json_object *object, int width, const char *label, const char *text) {
+        json_object *firmware;
+        const char *app = NULL;
+
+        if (json_object_object_get_ex(object, "firmware", &firmware))
+                app = json_object_get_string(firmware);
+        if (isempty(text)) {
+                bool klipper = streq_ptr(app, "Klipper") || streq_ptr(app, "Kalico");
+
+                printf("%*s: %s\n", width, label, klipper ? "(not embedded)" : "-");
+                return;
+        }
+
+        printf("%*s:\n", width, label);
+        for (const char *line = text; *line;) {
+                size_t n = strcspn(line, "\n");
+
+                if (n > 0)
+                        printf("%*s  %.*s\n", width, "", (int) n, line);
+                line += n;
+                if (*line == '\n')
+                        line++;
+        }
+}
+
 static void print_info_text(json_object *object) {
         size_t width = 0;
 
@@ -65,6 +94,10 @@ static void print_info_text(json_object *object) {
         json_object_object_foreach(object, key2, value2) {
                 const char *text = json_object_get_string(value2);
 
+                if (streq(key2, "build_config")) {
+                        print_build_config(object, (int) width, label_of(key2), text);
+                        continue;
+                }
                 printf("%*s: %s\n", (int) width, label_of(key2), isempty(text) ? "-" : text);
         }
 }

@@ -329,6 +329,7 @@ static const sd_bus_vtable mcu_vtable[] = {
         MCU_PROPERTY("Firmware", "s", firmware),
         MCU_PROPERTY("FirmwareVersion", "s", firmware_version),
         MCU_PROPERTY("BuildVersions", "s", build_versions),
+        MCU_PROPERTY("BuildConfig", "s", build_config),
         MCU_PROPERTY("McuType", "s", mcu_type),
         MCU_PROPERTY("FlashStart", "t", flash_start),
         MCU_PROPERTY("VersionMatchesHost", "s", version_matches_host),

@@ -142,8 +142,8 @@ static void can_assign_and_identify(struct can_scan_job *job, int fd, struct can
         res->result = can_identify_node(job, (unsigned) id, &res->dict);
 }
 
-/* Katapult on CAN: give it a node id of Katapult's range (flashtool's 128
- * and up) and ask CONNECT where the application goes. */
+/* Katapult on CAN: give it a node id of Katapult's range (128 and up;
+ * flashtool.py's first is 129) and ask CONNECT where the application goes. */
 static void can_connect_katapult(struct can_scan_job *job, int fd, struct can_scan_result *res,
                                  unsigned nodeid) {
         _cleanup_(transport_freep) struct transport *t = NULL;

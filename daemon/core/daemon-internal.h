@@ -54,3 +54,6 @@ bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m);
 
 /* HostVersion (daemon.c): "" or "?" mean unknown. */
 void daemon_set_host_version(struct daemon *d, const char *version);
+/* klippy's software_version while Klipper runs (it wins over the checkout);
+ * NULL once Klipper does not run: the checkout is read again. */
+void daemon_set_klippy_version(struct daemon *d, const char *version);

@@ -57,7 +57,9 @@ static void host_version_done(void *userdata, int result) {
                 d->host_version_pending = false;
                 if (result < 0)
                         log_warning_errno(result, "Cannot read the Klipper version of %s: %m", req->path);
-                daemon_set_host_version(d, result < 0 ? "" : req->version);
+                /* If Klipper started meanwhile, its own version wins. */
+                if (!d->host_version_from_klippy)
+                        daemon_set_host_version(d, result < 0 ? "" : req->version);
         }
         free(req->path);
         free(req->version);
@@ -68,6 +70,8 @@ static void daemon_read_host_version(struct daemon *d) {
         struct host_version_request *req;
         int r;
 
+        if (d->host_version_from_klippy)
+                return; /* Klipper runs and has said which version it is. */
         if (isempty(d->config->klipper_path)) {
                 log_info("No Klipper checkout configured ([Klipper] Path=): host version unknown.");
                 daemon_set_host_version(d, "");
@@ -90,6 +94,21 @@ static void daemon_read_host_version(struct daemon *d) {
                 return;
         }
         d->host_version_pending = true;
+}
+
+void daemon_set_klippy_version(struct daemon *d, const char *version) {
+        if (!isempty(version) && !streq(version, "?")) {
+                d->host_version_from_klippy = true;
+                daemon_set_host_version(d, version);
+                return;
+        }
+        if (!d->host_version_from_klippy)
+                return;
+        /* Klipper stopped: the checkout again, if there is one; without
+         * Path= klippy's last word stays. */
+        d->host_version_from_klippy = false;
+        if (!isempty(d->config->klipper_path))
+                daemon_read_host_version(d);
 }
 
 /* ---- printer.cfg ------------------------------------------------------- */

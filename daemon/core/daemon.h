@@ -31,6 +31,7 @@ struct daemon {
         struct printercfg *printercfg;  /* NULL when none configured or readable */
         char *host_version;             /* "" while unknown */
         bool host_version_pending;
+        bool host_version_from_klippy;  /* host_version is klippy's software_version */
         char *printer_state;            /* Manager.PrinterState; "unknown" without the klippy API */
         int auto_flash;                 /* Manager.AutoFlash (an int for sd-bus's "b") */
         struct registry *registry;

@@ -23,6 +23,7 @@
 #include "bus/manager.h"
 #include "core/daemon-internal.h"
 #include "discover/klippy.h"
+#include "image/dictionary.h"
 #include "proto/canbus.h"
 #include "shared/log.h"
 
@@ -88,9 +89,18 @@ static void host_apply_mcu(struct daemon *d, const struct klippy_mcu_info *info)
                 return;
         daemon_cancel_offline_timer(m);
         if (!isempty(info->version)) {
+                bool same_build = streq(m->firmware_version, info->version);
+
                 mcu_set_state(m, MCU_STATE_APPLICATION);
-                (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Klipper");
+                /* klippy does not say which app it talks to: a Kalico that
+                 * identify saw stays Kalico. */
+                if (!klipper_dict_app_is_klipper(m->firmware))
+                        (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Klipper");
                 (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, info->version);
+                /* A klippy too old to report mcu_kconfig: keep what identify
+                 * found, unless the firmware changed since. */
+                if (info->kconfig || !same_build)
+                        (void) mcu_set_string(m, MCU_PROP_BUILD_CONFIG, info->kconfig);
                 (void) mcu_set_string(m, MCU_PROP_BUILD_VERSIONS, info->build_versions);
                 if (!isempty(info->mcu_type))
                         (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, info->mcu_type);
@@ -142,8 +152,8 @@ static void host_state_changed(void *userdata, const struct klippy_status *st) {
         d->klippy_says_stopped = !st->connected;
         daemon_set_printer_state(d, st->printer_state);
 
-        if (isempty(d->config->klipper_path) && !isempty(st->software_version))
-                daemon_set_host_version(d, st->software_version);
+        /* While Klipper runs its own word on its version wins over the checkout. */
+        daemon_set_klippy_version(d, st->connected ? st->software_version : NULL);
 
         /* Without PrinterConfig=, klippy tells which printer.cfg it runs. */
         if (isempty(d->config->printer_config) && !isempty(st->config_file) &&

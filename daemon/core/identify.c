@@ -54,6 +54,8 @@ int identify_over(struct transport *t, int timeout_ms, struct klipper_dict **ret
         if (r < 0)
                 return r;
         r = klipper_dict_parse_compressed(data, len, DICTIONARY_MAX_SIZE, ret);
+        if (r == -E2BIG)
+                return -EFBIG;  /* a compression bomb, not a long download */
         if (r < 0)
                 return r == -ENOMEM ? r : -EPROTO;
         return 0;
@@ -89,6 +91,7 @@ void identify_apply_katapult(struct mcu *m, const struct katapult_info *info, in
         (void) mcu_set_string(m, MCU_PROP_FIRMWARE, "Katapult");
         (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, info->version);
         (void) mcu_set_string(m, MCU_PROP_BUILD_VERSIONS, "");
+        (void) mcu_set_string(m, MCU_PROP_BUILD_CONFIG, "");
         if (!isempty(info->mcu))
                 (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, info->mcu);
         mcu_set_flash_start(m, info->app_start);
@@ -119,6 +122,10 @@ static void identify_describe_failure(int result, int timeout_ms, const char *wh
         case -E2BIG:
                 snprintf(buf, size, "sent a data dictionary larger than %u KiB", DICTIONARY_MAX_SIZE / 1024);
                 break;
+        case -EFBIG:
+                snprintf(buf, size, "sent a data dictionary that decompresses to more than %u KiB; refused",
+                         DICTIONARY_MAX_SIZE / 1024);
+                break;
         case -ENODEV:
                 snprintf(buf, size, "went away during identify");
                 break;
@@ -142,6 +149,7 @@ void identify_apply_result(struct mcu *m, const struct klipper_dict *dict, int r
                 (void) mcu_set_string(m, MCU_PROP_FIRMWARE, dict->app ?: "Klipper");
                 (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, dict->version);
                 (void) mcu_set_string(m, MCU_PROP_BUILD_VERSIONS, dict->build_versions);
+                (void) mcu_set_string(m, MCU_PROP_BUILD_CONFIG, dict->kconfig);
                 if (dict->mcu)
                         (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, dict->mcu);
                 mcu_update_version_match(m, host_version);

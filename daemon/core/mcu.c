@@ -42,6 +42,7 @@ static const char *const prop_names[_MCU_PROP_MAX] = {
         [MCU_PROP_FIRMWARE] = "Firmware",
         [MCU_PROP_FIRMWARE_VERSION] = "FirmwareVersion",
         [MCU_PROP_BUILD_VERSIONS] = "BuildVersions",
+        [MCU_PROP_BUILD_CONFIG] = "BuildConfig",
         [MCU_PROP_MCU_TYPE] = "McuType",
         [MCU_PROP_FLASH_START] = "FlashStart",
         [MCU_PROP_VERSION_MATCHES_HOST] = "VersionMatchesHost",
@@ -74,6 +75,7 @@ static char **mcu_string_field(struct mcu *m, enum mcu_prop p) {
         case MCU_PROP_FIRMWARE: return &m->firmware;
         case MCU_PROP_FIRMWARE_VERSION: return &m->firmware_version;
         case MCU_PROP_BUILD_VERSIONS: return &m->build_versions;
+        case MCU_PROP_BUILD_CONFIG: return &m->build_config;
         case MCU_PROP_MCU_TYPE: return &m->mcu_type;
         case MCU_PROP_JOB: return &m->job;
         default: return NULL;

@@ -51,6 +51,7 @@ enum mcu_prop {
         MCU_PROP_FIRMWARE,
         MCU_PROP_FIRMWARE_VERSION,
         MCU_PROP_BUILD_VERSIONS,
+        MCU_PROP_BUILD_CONFIG,
         MCU_PROP_MCU_TYPE,
         MCU_PROP_FLASH_START,
         MCU_PROP_VERSION_MATCHES_HOST,
@@ -82,6 +83,7 @@ struct mcu {
         char *firmware;
         char *firmware_version;
         char *build_versions;
+        char *build_config;             /* embedded savedefconfig text, "" if unknown */
         char *mcu_type;
         uint64_t flash_start;           /* MCU_FLASH_START_UNKNOWN until stated; 0 is a real start */
         const char *version_matches_host;

@@ -130,7 +130,7 @@ static bool reboot_reached(struct job *j, struct mcu *m) {
 
         if (rb->to_bootloader)
                 return m->state_id == MCU_STATE_BOOTLOADER;
-        return m->state_id == MCU_STATE_APPLICATION && streq(m->firmware, "Klipper");
+        return m->state_id == MCU_STATE_APPLICATION && klipper_dict_app_is_klipper(m->firmware);
 }
 
 /* A sentence on where the MCU is now, for failures. */

@@ -101,6 +101,7 @@ void daemon_usb_added(void *userdata, const struct udev_usb_info *info) {
         (void) mcu_set_string(m, MCU_PROP_BOOTLOADER, id->bootloader);
         (void) mcu_set_string(m, MCU_PROP_FIRMWARE, id->firmware);
         (void) mcu_set_string(m, MCU_PROP_FIRMWARE_VERSION, "");
+        (void) mcu_set_string(m, MCU_PROP_BUILD_CONFIG, "");
         if (id->mcu_type && isempty(m->mcu_type))
                 (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, id->mcu_type);
         /* Only where nothing better is known: an MCU that was seen in

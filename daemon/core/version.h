@@ -1,7 +1,8 @@
 /* Klipper version strings (protocols.md §16): parsing "v0.12.0-123-gabcdef12"
  * with its optional -dirty and -<date>_<time>-<host> suffixes, comparing an
- * MCU's version with the host's, and deriving the host version from a Klipper
- * checkout the way klippy does (git describe, else klippy/.version). */
+ * MCU's version with the host's (version.c), and deriving the host version
+ * from a Klipper checkout the way klippy does (git describe, else
+ * klippy/.version; version-host.c). */
 #pragma once
 
 #include <stdbool.h>
@@ -47,18 +48,14 @@ enum version_match version_compare(const char *mcu_version, const char *host_ver
 /* True if the version carries -dirty or a build-stamp suffix. */
 bool version_is_custom_build(const char *version);
 
-/* Host version of the Klipper checkout at @klipper_path, if it has a .git:
- * what `git describe --always --tags --long --dirty` prints there, computed
- * as `git describe --always --tags --long` plus "-dirty" when
- * `git status --porcelain --untracked-files=no` (GIT_OPTIONAL_LOCKS=0) lists
- * changes, because describe --dirty rewrites .git/index and would leave a
- * root-owned index in the user's checkout.  Both run with
- * -c safe.directory=* and are killed after a 5 s timeout.  Falls back to the
- * first line of klippy/.version, else returns "?".  Blocking: call from a
- * worker thread (with SIGCHLD set to SIG_IGN git's exit status is lost and
- * its output is trusted as is).  Returns 0 with a malloc()ed string, or
- * -ENOMEM. */
+/* Host version of the Klipper checkout at @klipper_path (version-host.c):
+ * if it has a .git, what `git describe --always --tags --long --dirty`
+ * prints there, read with libgit2 in a child process killed after a 5 s
+ * timeout; no program is run and nothing is written.  Else the first line
+ * of klippy/.version if it is a version; else "?".  Blocking: call from a
+ * worker thread.  Returns 0 with a malloc()ed string, or -ENOMEM. */
 int version_read_host(const char *klipper_path, char **ret);
 
-/* The same with a different timeout for git (version_read_host uses 5 s). */
+/* The same with another timeout for reading the repository (version_read_host
+ * uses 5 s). */
 int version_read_host_with_timeout(const char *klipper_path, unsigned timeout_msec, char **ret);

@@ -182,7 +182,8 @@ json_object *klippy_notification_status(json_object *msg) {
 int klippy_subscribe_params(json_object *list_result, json_object **ret) {
         static const char *const webhooks_fields[] = { "state", "state_message" };
         static const char *const print_stats_fields[] = { "state" };
-        static const char *const mcu_fields[] = { "mcu_version", "mcu_build_versions", "mcu_constants" };
+        static const char *const mcu_fields[] = { "mcu_version", "mcu_build_versions", "mcu_constants",
+                                                   "mcu_kconfig" };
         _cleanup_(json_object_putp) json_object *params = NULL, *objects = NULL;
         json_object *list = klippy_json_get_typed(list_result, "objects", json_type_array);
         int r;
@@ -263,6 +264,7 @@ static void snapshot_done(struct snapshot *s) {
                 free((char *) s->mcus[i].version);
                 free((char *) s->mcus[i].build_versions);
                 free((char *) s->mcus[i].mcu_type);
+                free((char *) s->mcus[i].kconfig);
         }
         free(s->mcus);
         *s = (struct snapshot) {};
@@ -278,7 +280,8 @@ static bool snapshot_equal(const struct snapshot *a, const struct snapshot *b) {
         for (size_t i = 0; i < a->n_mcus; i++)
                 if (!streq(a->mcus[i].name, b->mcus[i].name) || !streq(a->mcus[i].version, b->mcus[i].version) ||
                     !streq(a->mcus[i].build_versions, b->mcus[i].build_versions) ||
-                    !streq(a->mcus[i].mcu_type, b->mcus[i].mcu_type))
+                    !streq(a->mcus[i].mcu_type, b->mcus[i].mcu_type) ||
+                    !streq_ptr(a->mcus[i].kconfig, b->mcus[i].kconfig))
                         return false;
         return true;
 }
@@ -294,6 +297,25 @@ static int strdup_optional(const char *s, char **ret) {
 
 static int compare_mcu_info(const void *a, const void *b) {
         return strcmp(((const struct klippy_mcu_info *) a)->name, ((const struct klippy_mcu_info *) b)->name);
+}
+
+/* mcu_kconfig (Klipper ≥ v0.13.0-753, protocols.md §15.5): the build config
+ * text, "" for firmware without one; NULL when this klippy does not report
+ * it at all.  Like the dictionary, accept the {"defconfig": …} shape. */
+static int mcu_kconfig_dup(json_object *fields, const char **ret) {
+        json_object *v = NULL;
+        const char *text;
+
+        *ret = NULL;
+        if (!json_object_object_get_ex(fields, "mcu_kconfig", &v))
+                return 0;
+        if (json_object_is_type(v, json_type_object))
+                text = klippy_json_get_string(v, "defconfig");
+        else if (json_object_is_type(v, json_type_string))
+                text = json_object_get_string(v);
+        else
+                text = NULL;
+        return strdup_optional(strempty(text), (char **) ret);
 }
 
 static int snapshot_fill_mcus(struct snapshot *s, json_object *objects) {
@@ -322,6 +344,8 @@ static int snapshot_fill_mcus(struct snapshot *s, json_object *objects) {
                 info->build_versions = strdup(strempty(klippy_json_get_string(fields, "mcu_build_versions")));
                 info->mcu_type = strdup(strempty(klippy_json_get_string(constants, "MCU")));
                 if (!info->name || !info->version || !info->build_versions || !info->mcu_type)
+                        return -ENOMEM;
+                if (mcu_kconfig_dup(fields, &info->kconfig) < 0)
                         return -ENOMEM;
         }
         qsort(s->mcus, s->n_mcus, sizeof(*s->mcus), compare_mcu_info);

@@ -28,6 +28,7 @@ struct klippy_mcu_info {
         const char *version;            /* mcu_version; "" while klippy has not identified it */
         const char *build_versions;     /* mcu_build_versions; "" if unknown */
         const char *mcu_type;           /* mcu_constants.MCU, e.g. "stm32f429xx"; "" if unknown */
+        const char *kconfig;            /* mcu_kconfig (build config); NULL if klippy does not report it */
 };
 
 struct klippy_status {

@@ -316,7 +316,8 @@ static void bin_evidence(const struct image *img, const struct flash_family *f, 
 
         *ret = (struct bin_evidence) { .family = f, .link_address = UINT64_MAX };
         read_vectors(p, size, f, &ret->vectors);
-        if (img->kconfig && image_kconfig_flash_start(img->kconfig, mcu_type, &a) >= 0) {
+        /* The embedded build config (§15.5) names the start outright. */
+        if (img->dict && img->dict->kconfig && image_kconfig_flash_start(img->dict->kconfig, mcu_type, &a) >= 0) {
                 ret->link_address = a;
                 ret->source = "its build config";
                 return;

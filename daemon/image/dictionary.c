@@ -1,16 +1,20 @@
-/* Klipper data dictionaries (protocols.md §1.4, §15.2): inflate the zlib
- * stream an MCU returns from identify, or that an image embeds, and pick the
- * fields mcuflashd shows (app, version, build_versions, config.MCU,
- * config.CLOCK_FREQ) out of the JSON.  The whole "config" object is kept for
+/* Klipper data dictionaries (protocols.md §1.4, §15.2, §15.5): decompress
+ * the stream an MCU returns from identify, or that an image embeds — zlib as
+ * Klipper compresses it, or bzip2 as Kalico does, told apart by the magic
+ * bytes and both capped in size — and pick the fields mcuflashd shows (app,
+ * version, build_versions, config.MCU, config.CLOCK_FREQ, the embedded build
+ * config "kconfig") out of the JSON.  The whole "config" object is kept for
  * image checks.  Command and response formats are not interpreted: the
- * daemon never talks to a running MCU beyond identify.  Finding a dictionary
- * inside an image is the image loader's business, not this file's. */
+ * daemon never talks to a running MCU beyond identify.  Walking an image is
+ * the image loader's business; this file only says where a stream may start. */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
+
+#include <bzlib.h>
 
 #include "image/dictionary.h"
 #include "shared/log.h"
@@ -23,6 +27,7 @@ struct klipper_dict *klipper_dict_free(struct klipper_dict *d) {
         free(d->version);
         free(d->build_versions);
         free(d->mcu);
+        free(d->kconfig);
         json_object_put(d->config);
         free(d);
         return NULL;
@@ -32,9 +37,30 @@ static void inflate_endp(z_stream *z) {
         inflateEnd(z);
 }
 
+/* Make room in *@buf (of *@allocated bytes) for at least one more byte and
+ * the final NUL after @used bytes.  The buffer never grows beyond
+ * @max_size + 2: producing max_size + 1 bytes is enough to know the text is
+ * too big. */
+static int grow_output(char **buf, size_t *allocated, size_t used, size_t max_size) {
+        size_t n;
+        char *p;
+
+        if (used + 1 < *allocated)
+                return 0;
+        n = MIN(MAX(*allocated * 2, (size_t) 16384), max_size + 2);
+        if (n <= *allocated)
+                return -E2BIG;
+        p = realloc(*buf, n);
+        if (!p)
+                return -ENOMEM;
+        *buf = p;
+        *allocated = n;
+        return 0;
+}
+
 /* Inflate one zlib stream from @data into a NUL-terminated buffer, stopping
  * at its end (whatever follows is not ours). */
-static int dict_inflate(const uint8_t *data, size_t len, size_t max_size, char **ret, size_t *ret_len) {
+static int zlib_decompress(const uint8_t *data, size_t len, size_t max_size, char **ret, size_t *ret_len) {
         _cleanup_(inflate_endp) z_stream z = {};
         _cleanup_free_ char *out = NULL;
         size_t allocated = 0, in_pos = 0;
@@ -47,21 +73,9 @@ static int dict_inflate(const uint8_t *data, size_t len, size_t max_size, char *
         for (;;) {
                 size_t in_chunk, out_room;
 
-                /* Room for at least one more byte and the final NUL.  The
-                 * buffer never grows beyond max_size + 2: producing
-                 * max_size + 1 bytes is enough to know the text is too big. */
-                if (z.total_out + 1 >= allocated) {
-                        size_t n = MIN(MAX(allocated * 2, (size_t) 16384), max_size + 2);
-                        char *p;
-
-                        if (n <= allocated)
-                                return -E2BIG;
-                        p = realloc(out, n);
-                        if (!p)
-                                return -ENOMEM;
-                        out = p;
-                        allocated = n;
-                }
+                r = grow_output(&out, &allocated, z.total_out, max_size);
+                if (r < 0)
+                        return r;
 
                 in_chunk = MIN(len - in_pos, (size_t) UINT_MAX);
                 out_room = MIN(allocated - 1 - z.total_out, (size_t) UINT_MAX);
@@ -91,6 +105,99 @@ static int dict_inflate(const uint8_t *data, size_t len, size_t max_size, char *
         *ret_len = z.total_out;
         *ret = TAKE_PTR(out);
         return 0;
+}
+
+static void bz_decompress_endp(bz_stream *s) {
+        /* Harmless on a stream whose init failed: its state is NULL. */
+        BZ2_bzDecompressEnd(s);
+}
+
+/* The same for one bzip2 stream (Kalico's identify data). */
+static int bzip2_decompress(const uint8_t *data, size_t len, size_t max_size, char **ret, size_t *ret_len) {
+        _cleanup_(bz_decompress_endp) bz_stream bz = {};
+        _cleanup_free_ char *out = NULL;
+        size_t allocated = 0, in_pos = 0, used = 0;
+        int r;
+
+        r = BZ2_bzDecompressInit(&bz, 0, 0);
+        if (r != BZ_OK)
+                return r == BZ_MEM_ERROR ? -ENOMEM : -EIO;
+
+        for (;;) {
+                size_t in_chunk, out_room, consumed, produced;
+
+                r = grow_output(&out, &allocated, used, max_size);
+                if (r < 0)
+                        return r;
+
+                in_chunk = MIN(len - in_pos, (size_t) UINT_MAX);
+                out_room = MIN(allocated - 1 - used, (size_t) UINT_MAX);
+                bz.next_in = (char *) (data + in_pos);
+                bz.avail_in = (unsigned) in_chunk;
+                bz.next_out = out + used;
+                bz.avail_out = (unsigned) out_room;
+
+                r = BZ2_bzDecompress(&bz);
+                consumed = in_chunk - bz.avail_in;
+                produced = out_room - bz.avail_out;
+                in_pos += consumed;
+                used += produced;
+
+                if (used > max_size)
+                        return -E2BIG;
+                if (r == BZ_STREAM_END)
+                        break;
+                if (r == BZ_MEM_ERROR)
+                        return -ENOMEM;
+                if (r != BZ_OK)
+                        return -EBADMSG;        /* BZ_DATA_ERROR, BZ_DATA_ERROR_MAGIC */
+                if (consumed == 0 && produced == 0 && in_pos == len)
+                        /* All input used, nothing more comes out and the
+                         * stream has not ended: it was cut short. */
+                        return -EBADMSG;
+        }
+
+        out[used] = '\0';
+        *ret_len = used;
+        *ret = TAKE_PTR(out);
+        return 0;
+}
+
+static bool is_zlib_header(const uint8_t *p, size_t len) {
+        /* CMF 0x78 (deflate, 32 KiB window) and a valid FCHECK; no preset
+         * dictionary (Klipper never uses one). */
+        return len >= 2 && p[0] == 0x78 && ((p[0] << 8) | p[1]) % 31 == 0 && !(p[1] & 0x20);
+}
+
+static bool is_bzip2_header(const uint8_t *p, size_t len) {
+        return len >= 4 && p[0] == 'B' && p[1] == 'Z' && p[2] == 'h' && p[3] >= '1' && p[3] <= '9';
+}
+
+int klipper_dict_decompress(const void *data, size_t len, size_t max_size, char **ret, size_t *ret_len) {
+        if (is_zlib_header(data, len))
+                return zlib_decompress(data, len, max_size, ret, ret_len);
+        if (is_bzip2_header(data, len))
+                return bzip2_decompress(data, len, max_size, ret, ret_len);
+        return -EBADMSG;
+}
+
+size_t klipper_dict_find_stream(const uint8_t *data, size_t len, size_t from) {
+        /* After "BZh<level>" a bzip2 stream with data starts with the block
+         * magic 0x314159265359, "1AY&SY" in ASCII. */
+        static const uint8_t bzip2_block_magic[] = { 0x31, 0x41, 0x59, 0x26, 0x53, 0x59 };
+
+        for (size_t i = from; i < len && len - i >= 2; i++) {
+                if (data[i] == 0x78 && data[i + 1] == 0xDA)
+                        return i;
+                if (data[i] == 'B' && len - i >= 10 && is_bzip2_header(data + i, len - i) &&
+                    memcmp(data + i + 4, bzip2_block_magic, sizeof(bzip2_block_magic)) == 0)
+                        return i;
+        }
+        return len;
+}
+
+bool klipper_dict_app_is_klipper(const char *app) {
+        return streq_ptr(app, "Klipper") || streq_ptr(app, "Kalico");
 }
 
 static int dup_string_member(json_object *obj, const char *key, char **ret) {
@@ -139,9 +246,28 @@ static uint64_t clock_freq_from_json(json_object *v) {
         }
 }
 
+/* protocols.md §15.5: "kconfig" is the savedefconfig text; one early branch
+ * nested it as {"kconfig": {"defconfig": "…"}}.  Anything else: none. */
+static int kconfig_from_json(json_object *root, char **ret) {
+        json_object *v;
+
+        if (!json_object_object_get_ex(root, "kconfig", &v)) {
+                *ret = NULL;
+                return 0;
+        }
+        if (json_object_is_type(v, json_type_object))
+                return dup_string_member(v, "defconfig", ret);
+        if (!json_object_is_type(v, json_type_string)) {
+                *ret = NULL;
+                return 0;
+        }
+        *ret = strdup(json_object_get_string(v));
+        return *ret ? 0 : -ENOMEM;
+}
+
 static int dict_from_object(json_object *root, struct klipper_dict **ret) {
         _cleanup_(klipper_dict_freep) struct klipper_dict *d = NULL;
-        json_object *config;
+        json_object *config, *v;
         int r;
 
         if (!json_object_is_type(root, json_type_object))
@@ -163,11 +289,14 @@ static int dict_from_object(json_object *root, struct klipper_dict **ret) {
         r = dup_string_member(root, "build_versions", &d->build_versions);
         if (r < 0)
                 return r;
+        r = kconfig_from_json(root, &d->kconfig);
+        if (r < 0)
+                return r;
+        d->has_commands = json_object_object_get_ex(root, "commands", &v) &&
+                          json_object_is_type(v, json_type_object);
 
         if (json_object_object_get_ex(root, "config", &config) &&
             json_object_is_type(config, json_type_object)) {
-                json_object *v;
-
                 d->config = json_object_get(config);
                 r = dup_string_member(config, "MCU", &d->mcu);
                 if (r < 0)
@@ -224,11 +353,11 @@ int klipper_dict_parse_compressed(const void *data, size_t len, size_t max_size,
                 max_size = KLIPPER_DICT_MAX_SIZE_DEFAULT;
         max_size = MIN(max_size, (size_t) INT_MAX - 2);        /* json-c takes an int length */
 
-        r = dict_inflate(data, len, max_size, &json, &json_len);
+        r = klipper_dict_decompress(data, len, max_size, &json, &json_len);
         if (r == -EBADMSG)
-                return log_debug_errno(r, "Data dictionary is not a valid zlib stream.");
+                return log_debug_errno(r, "Data dictionary is not a valid zlib or bzip2 stream.");
         if (r == -E2BIG)
-                return log_debug_errno(r, "Data dictionary inflates to more than %zu bytes.", max_size);
+                return log_debug_errno(r, "Data dictionary decompresses to more than %zu bytes.", max_size);
         if (r < 0)
                 return r;
 

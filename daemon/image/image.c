@@ -1,7 +1,7 @@
 /* Loading firmware images (protocols.md §15.1, §15.2, §7.4): copy the
  * caller's bytes into a sealed memfd, recognise ELF, UF2, Intel HEX or raw
  * .bin by content, turn the loadable bytes into sorted, merged segments and
- * find the zlib-compressed Klipper data dictionary inside them.  Every
+ * find the compressed (zlib or bzip2) Klipper data dictionary inside them.  Every
  * input is treated as hostile: all lengths and offsets are checked before
  * use and failures come back as -EBADMSG with a message for a person.
  * Nothing here knows about MCUs, bootloaders or flash layouts (check.c). */
@@ -33,8 +33,9 @@
 
 #define IMAGE_FLAT_MAX ((uint64_t) 256 * 1024 * 1024)
 #define READ_TIMEOUT_MS (30 * 1000)
-/* Candidates (a "78 DA" that starts something inflating to '{') that are
- * fully inflated and parsed before giving up; real images have one. */
+/* Candidates (a "78 DA" that starts something inflating to '{', or a bzip2
+ * stream header) that are fully decompressed and parsed before giving up;
+ * real images have one. */
 #define DICT_MAX_ATTEMPTS 256
 
 /* A piece of loadable data before merging: points into the mapping. */
@@ -94,7 +95,6 @@ struct image *image_free(struct image *img) {
                 free(img->segments[i].allocated);
         free(img->segments);
         klipper_dict_free(img->dict);
-        free(img->kconfig);
         if (img->map)
                 munmap((void *) img->map, img->file_size);
         safe_close(img->fd);
@@ -569,33 +569,8 @@ static bool inflates_to_json_object(const uint8_t *p, size_t len) {
         return false;
 }
 
-/* For dictionaries without "app" (old builds): does the JSON have "commands"? */
-static bool dict_has_commands(const uint8_t *p, size_t len) {
-        _cleanup_(inflate_endp) z_stream z = {};
-        _cleanup_free_ char *text = NULL;
-        json_object *root, *v;
-        bool found;
-        int r;
-
-        text = malloc(IMAGE_DICT_MAX_SIZE + 1);
-        if (!text || inflateInit(&z) != Z_OK)
-                return false;
-        z.next_in = (Bytef *) p;
-        z.avail_in = (uInt) MIN(len, (size_t) UINT32_MAX);
-        z.next_out = (Bytef *) text;
-        z.avail_out = IMAGE_DICT_MAX_SIZE;
-        r = inflate(&z, Z_FINISH);
-        if (r != Z_STREAM_END)
-                return false;
-        text[z.total_out] = '\0';
-        root = json_tokener_parse(text);
-        found = root && json_object_is_type(root, json_type_object) &&
-                json_object_object_get_ex(root, "commands", &v);
-        json_object_put(root);
-        return found;
-}
-
-/* protocols.md §15.2: try every "78 DA" in every segment. */
+/* protocols.md §15.2: try every place a zlib ("78 DA") or bzip2 stream may
+ * start in every segment. */
 static int find_dictionary(struct image *img) {
         unsigned attempts = 0;
 
@@ -603,16 +578,14 @@ static int find_dictionary(struct image *img) {
                 const uint8_t *data = img->segments[s].data;
                 size_t size = img->segments[s].size;
 
-                for (size_t i = 0; i + 2 < size; i++) {
+                for (size_t i = klipper_dict_find_stream(data, size, 0); i < size;
+                     i = klipper_dict_find_stream(data, size, i + 1)) {
                         _cleanup_(klipper_dict_freep) struct klipper_dict *d = NULL;
-                        const uint8_t *hit;
                         int r;
 
-                        hit = memchr(data + i, 0x78, size - i - 1);
-                        if (!hit)
-                                break;
-                        i = (size_t) (hit - data);
-                        if (data[i + 1] != 0xDA || !inflates_to_json_object(data + i, size - i))
+                        /* A bzip2 magic is ten bytes long and rarely there by
+                         * chance; a zlib one is cheap to test first. */
+                        if (data[i] == 0x78 && !inflates_to_json_object(data + i, size - i))
                                 continue;
                         if (++attempts > DICT_MAX_ATTEMPTS)
                                 return 0;
@@ -622,7 +595,7 @@ static int find_dictionary(struct image *img) {
                                 return r;
                         if (r < 0)
                                 continue;
-                        if (streq_ptr(d->app, "Klipper") || (!d->app && dict_has_commands(data + i, size - i))) {
+                        if (klipper_dict_app_is_klipper(d->app) || (!d->app && d->has_commands)) {
                                 img->dict = TAKE_PTR(d);
                                 return 0;
                         }

@@ -40,10 +40,6 @@ struct image {
         uint64_t total_size;            /* bytes from lowest_address to the end of the last segment */
         uint64_t data_size;             /* bytes actually present (sum of segment sizes) */
         struct klipper_dict *dict;      /* embedded data dictionary, NULL if none was found */
-        /* The build config embedded with the dictionary (protocols.md §15.5,
-         * "CONFIG_…=y" lines), owned; NULL when the image has none.  The
-         * start check (check.c) takes the flash start from it. */
-        char *kconfig;
         /* ELF only: e_machine (EM_ARM, EM_X86_64, …) and class. */
         uint16_t elf_machine;
         bool elf_64;

@@ -28,13 +28,15 @@
 /* Node ids whose CAN ids stay below the admin ids: 0x100 + 2·id + 1 < 0x3f0. */
 #define CANBUS_NODEID_MAX 375
 /* Klipper's host numbers its nodes from 4 (klippy/extras/canbus_ids.py);
- * Katapult's flashtool uses 128.  For Klipper nodes the daemon takes ids
+ * Katapult's flashtool.py numbers from 128 + the nodes it knows, so its first
+ * node gets 129 (its admin node counts).  For Klipper nodes the daemon takes ids
  * from its own range so that it never collides with either. */
 #define CANBUS_NODEID_KLIPPER_FIRST 4
 #define CANBUS_NODEID_DAEMON_FIRST 64
 #define CANBUS_NODEID_DAEMON_LAST 127
-/* The node id the daemon gives a Katapult node: flashtool's (CAN ids
- * 0x200/0x201), since a node in its bootloader has one flasher at a time. */
+/* The node id the daemon gives a Katapult node: the first of Katapult's range
+ * (CAN ids 0x200/0x201); flashtool.py would give 129.  A node in its
+ * bootloader has one flasher at a time, so either is free. */
 #define CANBUS_NODEID_KATAPULT 128
 
 /* flashtool's waits (protocols.md §5.5), for callers of the Katapult

@@ -202,6 +202,9 @@ def klippy(klipper_host):
 
     def start(**kwargs):
         os.makedirs(os.path.dirname(klipper_host.api_socket), exist_ok=True)
+        # A real klippy reports the version of the checkout it runs from.
+        if klipper_host.version:
+            kwargs.setdefault("software_version", klipper_host.version)
         server = klippy_api.FakeKlippy(klipper_host.api_socket, **kwargs)
         servers.append(server)
         return server

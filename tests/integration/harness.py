@@ -1089,7 +1089,8 @@ class Testbed:
             self._set_mode(board, "foreign", device=board.device if board.in_place else None)
             return
         sim_args = dict(board.sim_args or {})
-        for key in ("version", "build_versions", "fault", "start_seq", "dictionary"):
+        for key in ("version", "build_versions", "fault", "start_seq", "dictionary", "app", "kconfig",
+                    "compression"):
             sim_args.pop(key, None)
         sim_args["dictionary"] = dictionary
         parsed = json.loads(dictionary)
@@ -1125,9 +1126,11 @@ class KlipperHost:
         self.printer_cfg_path = os.path.join(workdir, "printer_data", "config", "printer.cfg")
         self.api_socket = os.path.join(workdir, "printer_data", "comms", "klippy.sock")
         os.makedirs(os.path.join(self.checkout, "klippy"), exist_ok=True)
+        self.version = None
 
     def set_version(self, version):
         """Write klippy/.version the way Klipper's release tarballs carry it."""
+        self.version = version
         with open(os.path.join(self.checkout, "klippy", ".version"), "w") as f:
             f.write(version + "\n")
         stub = os.path.join(self.checkout, "klippy", "klippy.py")

@@ -55,7 +55,7 @@ def test_two_can_nodes_found_with_uuid_version_and_type(can_hub, can_node, klipp
     assert kprops["Firmware"] == "Katapult"
     assert kprops["Bootloader"] == "katapult"
     assert kprops["CanUuid"] == KATAPULT_UUID
-    # Given a Katapult node id (flashtool's 128) and asked CONNECT.
+    # Given a Katapult node id (128, the first of Katapult's range) and asked CONNECT.
     assert kat.nodeid == 128
     assert kprops["McuType"] == "stm32f103xe"
     assert kprops["FlashStart"] == kat.app_start

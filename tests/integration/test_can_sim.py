@@ -572,6 +572,12 @@ def test_katapult_protocol_errors_and_old_version(hub, nodes, host):
     assert host.recv_until(lambda f: f.can_id == cn.node_tx_id(128), 1)[-1].data == \
         cn.katapult_frame(cn.KATAPULT_NACK)
     assert cn.katapult_connect(host, 128)["mcu"] == cn.DEFAULT_MCU   # resynchronised
+    # A frame longer than Katapult's 128-byte command buffer: NACKed at once,
+    # as soon as its header is in (the real one never waits for the rest).
+    cn.send_stream(host, 128, b"\x01\x88\x12\x1f\0")    # 31 words: 132 bytes
+    assert host.recv_until(lambda f: f.can_id == cn.node_tx_id(128), 1)[-1].data == \
+        cn.katapult_frame(cn.KATAPULT_NACK)
+    assert cn.katapult_connect(host, 128)["mcu"] == cn.DEFAULT_MCU   # resynchronised
 
 
 def test_bootloader_request_and_back(hub, nodes, shimmed, host):

@@ -179,7 +179,7 @@ def built(tmp_path_factory):
     driver = out / "driver"
     _gcc(CFLAGS + ["-I" + os.path.join(REPO, "daemon"), "-I" + str(out), "-o", str(driver),
                    str(source)] + [os.path.join(REPO, s) for s in DAEMON_SOURCES] +
-         ["-ljson-c", "-lz"], cwd=str(out))
+         ["-ljson-c", "-lz", "-lbz2"], cwd=str(out))
 
     shim = os.path.join(_build_dir(), "tests", "shim", "libcanshim.so")
     if not os.path.exists(shim):

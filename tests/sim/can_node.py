@@ -68,7 +68,6 @@ import struct
 import sys
 import threading
 import time
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import canhub  # noqa: E402
@@ -157,18 +156,22 @@ def node_tx_id(nodeid):
     return NODEID_BASE + 2 * nodeid + 1
 
 
-def can_dictionary(version, mcu, build_versions=None, canbus_frequency=1000000, bridge=False):
+def can_dictionary(version, mcu, build_versions=None, canbus_frequency=1000000, bridge=False,
+                   app="Klipper", kconfig=None, compression="zlib"):
     """(json, compressed) of a CAN build: klipper_dict's dictionary plus the
-    canserial static string a CAN build has."""
+    canserial static string a CAN build has; app, kconfig and compression as
+    klipper_dict.build() takes them."""
     text, _ = klipper_dict.build(version, mcu, build_versions=build_versions,
                                  link="canbridge" if bridge else "can",
-                                 extra_config={"CANBUS_FREQUENCY": canbus_frequency})
+                                 extra_config={"CANBUS_FREQUENCY": canbus_frequency},
+                                 app=app, kconfig=kconfig, compression=compression)
     parsed = json.loads(text)
     strings = parsed["enumerations"].setdefault("static_string_id", {})
     if CONFLICT_REASON not in strings:
         strings[CONFLICT_REASON] = max(strings.values(), default=-1) + 1
-    text = json.dumps(parsed, separators=(",", ":"), sort_keys=True)
-    return text, zlib.compress(text.encode(), 9)
+    text = klipper_dict.DictionaryText(json.dumps(parsed, separators=(",", ":"), sort_keys=True),
+                                       compression)
+    return text, klipper_dict.compress(text)
 
 
 class CanNode(ThreadedSim):
@@ -191,7 +194,8 @@ class CanNode(ThreadedSim):
                  katapult_version=DEFAULT_KATAPULT_VERSION, proto_version=KATAPULT_PROTO_VERSION,
                  app_start=0x08002000, block_size=64, page_size=2048, reboot_delay=0.1,
                  assigned_by_klipper=None, fault=None, dictionary=None, seed=None, log=None,
-                 on_mode_change=None, name=None, bitrate=None):
+                 on_mode_change=None, name=None, bitrate=None, app="Klipper", kconfig=None,
+                 compression=None):
         super().__init__()
         self.hub_path = hub_path
         self.iface = iface
@@ -220,7 +224,10 @@ class CanNode(ThreadedSim):
         if has_app:
             if dictionary is None:
                 dictionary, _ = can_dictionary(version, mcu, build_versions, canbus_frequency,
-                                               bridge)
+                                               bridge, app=app, kconfig=kconfig,
+                                               compression=compression or "zlib")
+            elif compression is not None:
+                dictionary = klipper_dict.DictionaryText(dictionary, compression)
             self._load_app(dictionary)
 
         self.frames = []
@@ -325,7 +332,9 @@ class CanNode(ThreadedSim):
         parsed = json.loads(dictionary)
         self.app_dictionary = dictionary
         self.app_version = parsed.get("version")
-        self.dict_compressed = zlib.compress(dictionary.encode(), 9)
+        # What the build embeds: zlib, or bzip2 for a Kalico build (a
+        # dictionary found in a flashed image remembers which).
+        self.dict_compressed = klipper_dict.compress(dictionary)
         self.clock_freq = parsed.get("config", {}).get("CLOCK_FREQ", 1000000)
         self.commands = klipper_proto.MessageParser(parsed.get("commands", {}).items())
         self.responses = klipper_proto.MessageParser(parsed.get("responses", {}).items())
@@ -596,6 +605,9 @@ class KlipperCanNode(CanNode):
     uuid                 6 bytes or 12 hex digits
     version, mcu, build_versions, canbus_frequency, bridge (USB-CAN bridge
                          build: get_canbus_status in the dictionary)
+    app, kconfig, compression
+                         a newer or Kalico build: "app", the embedded build
+                         config, "zlib" or "bzip2" identify data
     assigned_by_klipper  start with this node id, as when a running Klipper
                          host holds the node (it then ignores queries)
     katapult_version, app_start, block_size, proto_version

@@ -25,11 +25,10 @@ katapult_serial.py (USB CDC and UART ptys) do that.  Host-side helpers
 (frame building, response parsing, CONNECT payload parsing) are here too.
 """
 
-import json
 import struct
-import zlib
 
 import cortexm_boot
+import klipper_dict
 import klipper_proto
 
 DEFAULT_KATAPULT_VERSION = "v0.0.1-95-g2b22438"
@@ -47,7 +46,7 @@ BUSY = 0xF3
 PRIME = 0x90                    # flashtool's dummy "prime" command
 PROTO_VERSION = 0x00010100
 MESSAGE_MIN = 8
-MESSAGE_MAX = 128
+MESSAGE_MAX = 128               # Katapult's command buffer with 64-byte blocks
 COMPLETE_DELAY = 0.1
 COMMAND_NAMES = {CONNECT: "CONNECT", SEND_BLOCK: "SEND_BLOCK", SEND_EOF: "SEND_EOF",
                  REQUEST_BLOCK: "REQUEST_BLOCK", COMPLETE: "COMPLETE",
@@ -76,21 +75,10 @@ def parse_connect_payload(payload):
 
 
 def find_klipper_dictionary(image):
-    """JSON text of the first Klipper data dictionary in a flat image
-    (§15.2: every 78 DA that inflates to JSON with app Klipper, or with
-    version and commands), or None."""
-    pos = image.find(b"\x78\xda")
-    while pos >= 0:
-        try:
-            text = zlib.decompressobj().decompress(image[pos:]).decode()
-            parsed = json.loads(text)
-            if isinstance(parsed, dict) and (parsed.get("app") == "Klipper" or
-                                             ("version" in parsed and "commands" in parsed)):
-                return text
-        except (zlib.error, UnicodeDecodeError, ValueError):
-            pass
-        pos = image.find(b"\x78\xda", pos + 1)
-    return None
+    """JSON text of the first Klipper (or Kalico) data dictionary in a flat
+    image, or None: klipper_dict.find_dictionary(), whose answer remembers
+    the compression (zlib or bzip2) the image used."""
+    return klipper_dict.find_dictionary(image)
 
 
 class ResponseReader:
@@ -207,13 +195,19 @@ class KatapultCore:
                 del buf[:idx]
                 self.need_sync = False
                 continue
-            if len(buf) < MESSAGE_MIN:
+            # Katapult looks at a frame's header once more than 4 bytes
+            # are in.  Its command buffer holds a block and 64 bytes more
+            # (128 with its 64-byte blocks): a frame whose word count says
+            # more is NACKed then, never waited for.
+            if len(buf) <= 4:
                 break
             length = buf[3] * 4 + 8
-            limit = max(MESSAGE_MAX, self.block_size + 16)
+            limit = self.block_size + 64
             if buf[0] != 0x01 or buf[1] != 0x88 or length > limit:
                 self._error(out)
                 continue
+            if len(buf) < MESSAGE_MIN:
+                break
             if len(buf) < length:
                 break
             raw = bytes(buf[:length])

@@ -4,8 +4,9 @@ build() produces what a real Klipper build embeds in its firmware: compact
 JSON (sort_keys, no spaces) with app, version, build_versions, license,
 config constants of the chip family, the command/response format strings
 of a typical build (~120 commands, ~35 responses), output and enumerations
-(pin ranges, bus names, shutdown strings), plus its zlib level-9
-compression.  Message ids are assigned like a build does and stored in the
+(pin ranges, bus names, shutdown strings), plus its level-9 compression:
+zlib as Klipper does, or bzip2 as Kalico does (protocols.md §15.5).  A newer
+build also carries its build config ("kconfig", savedefconfig text).  Message ids are assigned like a build does and stored in the
 dictionary's signed "encoded id" form (protocols.md §1.3), so ids 96..127
 appear as -32..-1.
 
@@ -14,7 +15,9 @@ representative, not an exact copy of any particular build.  Nothing here
 talks to a device.
 """
 
+import bz2
 import json
+import re
 import zlib
 
 try:
@@ -412,6 +415,77 @@ def _linux(mcu, link):
     return config, enums
 
 
+# "app" of the firmware families that speak Klipper's protocol.
+APPS = ("Klipper", "Kalico")
+COMPRESSIONS = ("zlib", "bzip2")
+_BZIP2_STREAM = re.compile(rb"BZh[1-9]1AY&SY")
+
+
+class DictionaryText(str):
+    """The JSON text of a dictionary that remembers how its firmware
+    compresses it: .compression is "zlib" or "bzip2"."""
+
+    def __new__(cls, text, compression="zlib"):
+        if compression not in COMPRESSIONS:
+            raise ValueError("unknown compression %r" % compression)
+        self = super().__new__(cls, text)
+        self.compression = compression
+        return self
+
+
+def compress(text, compression=None):
+    """The identify data of @text: level 9 @compression (default: the one
+    @text remembers, else zlib)."""
+    if compression is None:
+        compression = getattr(text, "compression", "zlib")
+    data = str(text).encode()
+    if compression == "zlib":
+        return zlib.compress(data, 9)
+    if compression == "bzip2":
+        return bz2.compress(data, 9)
+    raise ValueError("unknown compression %r" % compression)
+
+
+def decompress(data):
+    """DictionaryText of identify data, zlib or bzip2 told apart by the
+    magic bytes as the daemon does.  Raises ValueError."""
+    data = bytes(data)
+    try:
+        if data[:1] == b"\x78":
+            return DictionaryText(zlib.decompress(data).decode(), "zlib")
+        if data[:3] == b"BZh":
+            return DictionaryText(bz2.decompress(data).decode(), "bzip2")
+    except (zlib.error, OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError("corrupt dictionary: %s" % e)
+    raise ValueError("neither zlib nor bzip2")
+
+
+def find_dictionary(image):
+    """DictionaryText of the first Klipper (or Kalico) data dictionary in a
+    flat image (§15.2: every "78 DA" or bzip2 stream header that decompresses
+    to JSON with a Klipper-kin app, or with version and commands), or None."""
+    image = bytes(image)
+    starts = []
+    pos = image.find(b"\x78\xda")
+    while pos >= 0:
+        starts.append(pos)
+        pos = image.find(b"\x78\xda", pos + 1)
+    starts += [m.start() for m in _BZIP2_STREAM.finditer(image)]
+    for pos in sorted(starts):
+        try:
+            if image[pos] == 0x78:
+                text, compression = zlib.decompressobj().decompress(image[pos:]).decode(), "zlib"
+            else:
+                text, compression = bz2.BZ2Decompressor().decompress(image[pos:]).decode(), "bzip2"
+            parsed = json.loads(text)
+        except (zlib.error, OSError, EOFError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(parsed, dict) and (parsed.get("app") in APPS or
+                                         ("version" in parsed and "commands" in parsed)):
+            return DictionaryText(text, compression)
+    return None
+
+
 def family(mcu):
     if mcu == "linux":
         return "linux"
@@ -420,14 +494,20 @@ def family(mcu):
     return "stm32"
 
 
-def build(version, mcu, build_versions=None, link="usb", extra_config=None):
+def build(version, mcu, build_versions=None, link="usb", extra_config=None, app="Klipper",
+          kconfig=None, compression="zlib"):
     """Build a data dictionary.
 
     version: firmware version string (e.g. "v0.13.0-46-g8c72b4a5")
     mcu: CONFIG_MCU, e.g. "stm32f429xx", "rp2040", "linux"
     link: "usb", "serial", "can" or "canbridge" (selects link constants and
           the CAN commands)
-    Returns (json_text, zlib-compressed bytes).
+    app: "Klipper" or "Kalico" (or anything else, for foreign firmware)
+    kconfig: the embedded build config of a newer build: savedefconfig text
+          (a str), or a dict for the early {"defconfig": text} shape; None
+          for an older build without one
+    compression: "zlib" (Klipper) or "bzip2" (Kalico)
+    Returns (DictionaryText, compressed bytes).
     """
     fam = family(mcu)
     if fam == "linux":
@@ -470,7 +550,7 @@ def build(version, mcu, build_versions=None, link="usb", extra_config=None):
         ids[fmt] = klipper_proto.internal_to_dict_id(next_internal)
         next_internal += 1
     dictionary = {
-        "app": "Klipper",
+        "app": app,
         "build_versions": build_versions,
         "commands": {klipper_proto.IDENTIFY_FORMAT: klipper_proto.MSGID_IDENTIFY},
         "config": config,
@@ -484,8 +564,10 @@ def build(version, mcu, build_versions=None, link="usb", extra_config=None):
         dictionary["commands"][fmt] = ids[fmt]
     for fmt in responses:
         dictionary["responses"][fmt] = ids[fmt]
-    text = json.dumps(dictionary, separators=(",", ":"), sort_keys=True)
-    return text, zlib.compress(text.encode(), 9)
+    if kconfig is not None:
+        dictionary["kconfig"] = kconfig
+    text = DictionaryText(json.dumps(dictionary, separators=(",", ":"), sort_keys=True), compression)
+    return text, compress(text)
 
 
 if __name__ == "__main__":

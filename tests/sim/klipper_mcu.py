@@ -63,7 +63,6 @@ import termios
 import threading
 import time
 import tty
-import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import klipper_dict  # noqa: E402
@@ -126,6 +125,8 @@ class KlipperMcu(PtySim):
     own_fd      close @fd on stop() (the standalone CLI owns its pty)
     dictionary  JSON text to serve instead of a generated one (version and
                 mcu then come from it)
+    app, kconfig, compression  a newer or Kalico build: its "app", embedded
+                build config and "zlib" or "bzip2" identify data
     bootloader_request     act on bootloader requests (see the module
                 docstring); False: record them in ignored_bootloader_requests
     on_bootloader_request  callable(sim, how) after a request it acted on;
@@ -136,7 +137,8 @@ class KlipperMcu(PtySim):
     def __init__(self, fd, version=DEFAULT_VERSION, mcu="stm32f429xx", build_versions=None,
                  link="usb", fault=None, start_seq=0, own_fd=False, dictionary=None,
                  seed=None, log=None, on_disconnect=None, bootloader_request=True,
-                 on_bootloader_request=None, touch_interval=TOUCH_INTERVAL):
+                 on_bootloader_request=None, touch_interval=TOUCH_INTERVAL, app="Klipper",
+                 kconfig=None, compression=None):
         super().__init__()
         self.fd = fd
         self.version = version
@@ -147,10 +149,13 @@ class KlipperMcu(PtySim):
         self.on_disconnect = on_disconnect
         if dictionary is None:
             self.dict_json, self.dict_compressed = klipper_dict.build(
-                version, mcu, build_versions=build_versions, link=link)
+                version, mcu, build_versions=build_versions, link=link, app=app, kconfig=kconfig,
+                compression=compression or "zlib")
         else:
+            # A dictionary found in a flashed image remembers how the image
+            # compressed it; @compression overrides.
             self.dict_json = dictionary
-            self.dict_compressed = zlib.compress(dictionary.encode(), 9)
+            self.dict_compressed = klipper_dict.compress(dictionary, compression)
         parsed = json.loads(self.dict_json)
         if dictionary is not None:
             self.version = parsed.get("version", version)

@@ -10,6 +10,7 @@ It does not do I/O, timing, retransmission or sequence bookkeeping: callers
 own the file descriptor and decide what to send when.
 """
 
+import bz2
 import re
 import zlib
 
@@ -321,5 +322,8 @@ def identify_block(seq, offset, count=IDENTIFY_CHUNK):
 
 
 def inflate_dictionary(compressed):
-    """The JSON text of a downloaded (zlib) dictionary."""
+    """The JSON text of a downloaded dictionary: zlib (Klipper) or bzip2
+    (Kalico), told apart by the magic bytes."""
+    if bytes(compressed[:3]) == b"BZh":
+        return bz2.decompress(compressed).decode()
     return zlib.decompress(compressed).decode()

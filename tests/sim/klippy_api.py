@@ -25,8 +25,8 @@ Requests without an id get no reply; undecodable messages are recorded in
 .bad_messages and skipped, as klippy does.  Objects served: webhooks,
 configfile (config/settings from the config dict), print_stats, one status
 object per MCU ("mcu", "mcu EBBCan": mcu_version, mcu_build_versions,
-mcu_constants, last_stats; {} while klippy is starting up, as before it
-identified the MCUs) and any extra_objects.
+mcu_constants, last_stats, and mcu_kconfig where set_mcu() gives one; {}
+while klippy is starting up, as before it identified the MCUs) and any extra_objects.
 
 What it does not model: klippy's 250 ms notification batching (changes are
 sent at once), the shared-last-query quirk of its subscriptions, G-code

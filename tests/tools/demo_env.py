@@ -69,6 +69,17 @@ EDDY = dict(name="mcu eddy", mcu="rp2040", serial="E66138935F4A2B2C", port="1-1.
             version=harness.OLD_VERSION, bootloader="picoboot")
 EBBCAN = dict(name="mcu EBBCan", mcu="stm32g0b1xx", uuid="0e0d81e4210c", iface="can0",
               bitrate=1000000, version=harness.HOST_VERSION)
+# The EBBCan runs a newer build (protocols.md §15.5): bzip2-compressed
+# identify data carrying the build config of an EBB36 (STM32G0B1, 8 MHz
+# crystal, 8 KiB Katapult, CAN on PB0/PB1 at 1 Mbit/s); the other MCUs run
+# older builds (zlib, no config).
+EBBCAN_BUILD = dict(compression="bzip2", kconfig=(
+    "CONFIG_MACH_STM32=y\n"
+    "CONFIG_MACH_STM32G0B1=y\n"
+    "CONFIG_STM32_FLASH_START_2000=y\n"
+    "CONFIG_STM32_CLOCK_REF_8M=y\n"
+    "CONFIG_STM32_CANBUS_PB0_PB1=y\n"
+    "CONFIG_CANBUS_FREQUENCY=1000000\n"))
 RPI = dict(name="mcu rpi", version=harness.HOST_VERSION)
 
 PRINTER_CFG = """\
@@ -128,14 +139,14 @@ def write_demo_images(folder):
     for another chip (what a user must never be able to flash)."""
     os.makedirs(folder, exist_ok=True)
     version = harness.HOST_VERSION
-    for name, mcu, start, fmt, link in (
-            ("mcu.bin", "stm32f429xx", 0x08008000, "bin", "usb"),
-            ("eddy.uf2", "rp2040", 0x10000000, "uf2", "usb"),
-            ("EBBCan.bin", "stm32g0b1xx", 0x08002000, "bin", "can"),
-            ("wrong-chip.bin", "stm32f103xe", 0x08007000, "bin", "usb"),
-            ("rpi.elf", "linux", 0, "elf", "serial")):
+    for name, mcu, start, fmt, link, build in (
+            ("mcu.bin", "stm32f429xx", 0x08008000, "bin", "usb", {}),
+            ("eddy.uf2", "rp2040", 0x10000000, "uf2", "usb", {}),
+            ("EBBCan.bin", "stm32g0b1xx", 0x08002000, "bin", "can", EBBCAN_BUILD),
+            ("wrong-chip.bin", "stm32f103xe", 0x08007000, "bin", "usb", {}),
+            ("rpi.elf", "linux", 0, "elf", "serial", {})):
         with open(os.path.join(folder, name), "wb") as f:
-            f.write(mkimage.build(mcu, version, start, fmt=fmt, link=link))
+            f.write(mkimage.build(mcu, version, start, fmt=fmt, link=link, **build))
     return folder
 
 
@@ -212,7 +223,7 @@ def main():
         hub.start()
         hub.add_iface(EBBCAN["iface"], bitrate=EBBCAN["bitrate"])
         ebb = can_node.KlipperCanNode(hub.path, EBBCAN["iface"], EBBCAN["uuid"],
-                                      version=EBBCAN["version"], mcu=EBBCAN["mcu"])
+                                      version=EBBCAN["version"], mcu=EBBCAN["mcu"], **EBBCAN_BUILD)
         ebb.start()
         systemd = systemd_mock.SystemdMock(env.bus.address, units={"klipper-mcu.service": "active"},
                                            job_delay=0.1).start()

@@ -6,8 +6,9 @@ flash (protocols.md §15.3): a Cortex-M vector table (initial SP = top of the
 family's RAM, the reset handler tens of KiB in like in real builds, RP2040
 handlers in RAM), filler standing in for code, the reset handler's literal
 pool (.data copy source/start/end, the VTOR value), .rodata holding
-strings and the zlib-compressed data dictionary from klipper_dict.build()
-at an unaligned offset, and .data's initial values last.  Images compiled
+strings and the compressed data dictionary from klipper_dict.build() (zlib;
+bzip2 as Kalico does, and an embedded build config, when asked) at an
+unaligned offset, and .data's initial values last.  Images compiled
 from real startup code are tests/tools/fwimage (which needs
 arm-none-eabi-gcc); these need nothing and are the same in the respects
 the daemon checks.  The result is encoded as a raw .bin,
@@ -106,14 +107,15 @@ def reset_offset(size):
     return min(0x6F38, (size * 3 // 5) & ~0x7)
 
 
-def flat_image(mcu, version, start, size=20 * 1024, ram_top_address=None, link="usb"):
+def flat_image(mcu, version, start, size=20 * 1024, ram_top_address=None, link="usb", **dict_args):
     """The application bytes from the vector table on, linked at @start,
     laid out like a real build (protocols.md §15.3): the handlers tens of
     KiB in (behind stand-in code), the reset handler's literal pool with
     the .data copy's flash source, RAM start and end (the initial values
     are the image's last DATA_SIZE bytes) and, on STM32 and RP2040, the
     vector table's address for SCB->VTOR; RP2040 handlers other than reset
-    run from RAM."""
+    run from RAM.  @dict_args (app, kconfig, compression) go to
+    klipper_dict.build()."""
     rng = random.Random("%s-%s-%x" % (mcu, version, start))
     sp = ram_top_address if ram_top_address is not None else ram_top(mcu)
     ram_base = 0x10000000 if mcu.startswith("lpc176") else 0x20000000
@@ -138,7 +140,7 @@ def flat_image(mcu, version, start, size=20 * 1024, ram_top_address=None, link="
             vectors.append(default_handler)
     table = struct.pack("<%dI" % VECTOR_COUNT, *vectors)
 
-    _, compressed = klipper_dict.build(version, mcu, link=link)
+    _, compressed = klipper_dict.build(version, mcu, link=link, **dict_args)
     code = _thumb_filler(rng, handlers_at - table_size)
     # The handlers, then the reset handler: copy .data, clear .bss, set
     # VTOR; its literal pool follows.
@@ -285,22 +287,16 @@ def host_program(version, machine=None, size=48 * 1024):
 def image_version(data):
     """The version in the first Klipper data dictionary inside @data, or None."""
     import json
-    import zlib
-    pos = data.find(b"\x78\xda")
-    while pos >= 0:
-        try:
-            d = zlib.decompressobj()
-            text = d.decompress(data[pos:pos + 256 * 1024])
-            return json.loads(text.decode()).get("version")
-        except (zlib.error, ValueError, UnicodeDecodeError):
-            pos = data.find(b"\x78\xda", pos + 1)
-    return None
+    text = klipper_dict.find_dictionary(data)
+    return json.loads(text).get("version") if text is not None else None
 
 
-def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="usb"):
+def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="usb", **dict_args):
     """A Klipper image for @mcu (config.MCU) with @version, linked at @start.
 
-    fmt: "bin", "elf", "hex" or "uf2".  For an RP2040 UF2 at 0x10000000 the
+    fmt: "bin", "elf", "hex" or "uf2".  dict_args: app ("Klipper", "Kalico"),
+    kconfig (the embedded build config), compression ("zlib", "bzip2") of
+    the dictionary, as klipper_dict.build() takes them.  For an RP2040 UF2 at 0x10000000 the
     image includes boot2 and the vector table sits at 0x10000100.
     """
     if mcu == "linux":
@@ -312,7 +308,7 @@ def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="us
     if mcu.startswith("rp2040") and start == 0x10000000:
         prefix = _boot2(random.Random(version))
         app_start = start + 0x100
-    app = flat_image(mcu, version, app_start, size=size, ram_top_address=ram_top, link=link)
+    app = flat_image(mcu, version, app_start, size=size, ram_top_address=ram_top, link=link, **dict_args)
     image = prefix + app
     entry = app_start + reset_offset(len(app)) + 1
     if fmt == "bin":
@@ -341,10 +337,19 @@ def main(argv=None):
     parser.add_argument("--size", default=20 * 1024, type=lambda s: int(s, 0), help="approximate size")
     parser.add_argument("--ram-top", default=None, type=lambda s: int(s, 0), help="initial stack pointer")
     parser.add_argument("--link", default="usb", choices=("usb", "serial", "can", "canbridge"))
+    parser.add_argument("--app", default="Klipper", help='dictionary "app" (Klipper, Kalico)')
+    parser.add_argument("--kconfig", default=None, metavar="FILE",
+                        help="embed this build config (savedefconfig text) in the dictionary")
+    parser.add_argument("--compression", default="zlib", choices=("zlib", "bzip2"))
     parser.add_argument("-o", "--output", required=True)
     args = parser.parse_args(argv)
+    kconfig = None
+    if args.kconfig is not None:
+        with open(args.kconfig) as f:
+            kconfig = f.read()
     data = build(args.mcu, args.version, args.start, fmt=args.format, size=args.size,
-                 ram_top=args.ram_top, link=args.link)
+                 ram_top=args.ram_top, link=args.link, app=args.app, kconfig=kconfig,
+                 compression=args.compression)
     with open(args.output, "wb") as f:
         f.write(data)
     return 0

@@ -1124,8 +1124,9 @@ static void test_fwimage_kconfig(void **state) {
                 skip();
         assert_int_equal(f4->start, 0x08004000);
         img = load_fwimage(f4, "bin");
-        img->kconfig = strdup("CONFIG_MACH_STM32F429=y\nCONFIG_STM32_FLASH_START_8000=y\n");
-        assert_non_null(img->kconfig);
+        free(img->dict->kconfig);
+        img->dict->kconfig = strdup("CONFIG_MACH_STM32F429=y\nCONFIG_STM32_FLASH_START_8000=y\n");
+        assert_non_null(img->dict->kconfig);
         assert_int_equal(image_bin_start(img, "stm32f429xx", &start), 0);
         assert_int_equal(start, 0x08008000);
         assert_check_refused(img, "stm32f429xx", 0x08004000, 0, IMAGE_CHECK_MISMATCH,

@@ -182,7 +182,7 @@ static void test_subscribe_params(void **state) {
         fields = json_object_object_get(objects, "mcu EBBCan");
         assert_non_null(fields);
         assert_string_equal(json_object_to_json_string_ext(fields, JSON_C_TO_STRING_PLAIN),
-                            "[\"mcu_version\",\"mcu_build_versions\",\"mcu_constants\"]");
+                            "[\"mcu_version\",\"mcu_build_versions\",\"mcu_constants\",\"mcu_kconfig\"]");
         assert_non_null(json_object_object_get(objects, "mcu"));
         assert_string_equal(json_object_to_json_string_ext(json_object_object_get(objects, "webhooks"),
                                                            JSON_C_TO_STRING_PLAIN),
@@ -234,8 +234,9 @@ static void test_model(void **state) {
                 "{\"webhooks\": {\"state\": \"ready\", \"state_message\": \"Printer is ready\"},"
                 " \"print_stats\": {\"state\": \"standby\"},"
                 " \"mcu EBBCan\": {\"mcu_version\": \"v0.12.0-99-g1111111\", \"mcu_build_versions\": null,"
-                "                  \"mcu_constants\": {\"MCU\": \"stm32g0b1xx\", \"CLOCK_FREQ\": 64000000}},"
-                " \"mcu\": {\"mcu_version\": \"v0.12.0-100-gabcdef12\","
+                "                  \"mcu_constants\": {\"MCU\": \"stm32g0b1xx\", \"CLOCK_FREQ\": 64000000},"
+                "                  \"mcu_kconfig\": \"CONFIG_MACH_STM32=y\\nCONFIG_MACH_STM32G0B1=y\\n\"},"
+                " \"mcu\": {\"mcu_version\": \"v0.12.0-100-gabcdef12\", \"mcu_kconfig\": {\"defconfig\": \"CONFIG_X=y\"},"
                 "           \"mcu_build_versions\": \"gcc: (15:12.2.rel1-1) 12.2.1 binutils: 2.40\","
                 "           \"mcu_constants\": {\"MCU\": \"stm32f429xx\"}},"
                 " \"mcu host\": {},"
@@ -249,13 +250,16 @@ static void test_model(void **state) {
         assert_string_equal(st->mcus[0].version, "v0.12.0-100-gabcdef12");
         assert_string_equal(st->mcus[0].build_versions, "gcc: (15:12.2.rel1-1) 12.2.1 binutils: 2.40");
         assert_string_equal(st->mcus[0].mcu_type, "stm32f429xx");
+        assert_string_equal(st->mcus[0].kconfig, "CONFIG_X=y");
         assert_string_equal(st->mcus[1].name, "mcu EBBCan");
         assert_string_equal(st->mcus[1].build_versions, "");
         assert_string_equal(st->mcus[1].mcu_type, "stm32g0b1xx");
+        assert_string_equal(st->mcus[1].kconfig, "CONFIG_MACH_STM32=y\nCONFIG_MACH_STM32G0B1=y\n");
         /* An MCU klippy has not identified: listed, nothing known. */
         assert_string_equal(st->mcus[2].name, "mcu host");
         assert_string_equal(st->mcus[2].version, "");
         assert_string_equal(st->mcus[2].mcu_type, "");
+        assert_null(st->mcus[2].kconfig);     /* this klippy does not report one */
 
         /* A notification carries only what changed: the rest stays. */
         printing = parse("{\"print_stats\": {\"state\": \"printing\"}}");

@@ -1,8 +1,12 @@
-/* Unit tests for daemon/core/version.c: parsing the version strings of
- * protocols.md §16, the MCU/host comparison table, custom-build detection,
- * and version_read_host() against klippy/.version, a real git repository
- * (passed with a note without git), fake git commands that fail or hang, and a
- * checkout owned by another user, whose .git/index must stay theirs. */
+/* Unit tests for daemon/core/version.c and version-host.c: parsing the
+ * version strings of protocols.md §16, the MCU/host comparison table,
+ * custom-build detection, and version_read_host() against klippy/.version
+ * (and the files it must refuse) and real git repositories made with git
+ * (passed with a note without git): the same text as `git describe --always
+ * --tags --long --dirty` without tags, with tags, with git's abbreviation
+ * length, a config that asks for programs (none runs), a FIFO in .git (the
+ * timeout), no repository after all, and a checkout owned by another user,
+ * whose .git/index must stay theirs. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -303,59 +307,225 @@ static void test_read_host_git(void **state) {
         assert_string_equal(v, expected);
 }
 
-/* Put a fake "git" first in PATH; returns the old PATH. */
-static char *fake_git(struct fixture *f, const char *script) {
-        _cleanup_free_ char *bin = NULL, *path = NULL;
-        const char *old = getenv("PATH");
-        char *saved = strdup(old ? old : "/usr/bin:/bin");
+#define GIT "HOME=/nonexistent GIT_CONFIG_NOSYSTEM=1 git -c user.name=test " \
+            "-c user.email=test@example.com -c init.defaultBranch=master"
 
-        assert_true(asprintf(&bin, "%s/bin", f->dir) > 0);
-        (void) mkdir(bin, 0755);
-        write_file_mode(bin, "git", script, 0755);
-        assert_true(asprintf(&path, "%s:%s", bin, saved) > 0);
-        assert_int_equal(setenv("PATH", path, 1), 0);
-        return saved;
+/* A repository in @dir with README committed once. */
+static void make_repo(const char *dir) {
+        assert_int_equal(run(GIT " init -q %s", dir), 0);
+        write_file_mode(dir, "README", "one\n", 0644);
+        assert_int_equal(run(GIT " -C %s add README && " GIT " -C %s commit -q -m one", dir, dir), 0);
 }
 
-static void test_read_host_git_fails(void **state) {
+static void commit_change(const char *dir, const char *text) {
+        write_file_mode(dir, "README", text, 0644);
+        assert_int_equal(run(GIT " -C %s commit -q -a -m '%s'", dir, text), 0);
+}
+
+/* version_read_host() must print what git describe --dirty prints. */
+static void assert_same_as_git(const char *dir) {
+        _cleanup_free_ char *v = NULL, *expected = NULL;
+
+        expected = run_output(GIT " -C %s describe --always --tags --long --dirty", dir);
+        assert_int_equal(version_read_host(dir, &v), 0);
+        assert_string_equal(v, expected);
+}
+
+static void test_read_host_git_no_tags(void **state) {
         struct fixture *f = *state;
-        _cleanup_free_ char *saved_path = NULL, *v = NULL;
+        _cleanup_free_ char *v = NULL, *sha = NULL;
 
-        assert_int_equal(run("mkdir %s/.git %s/klippy && echo v0.11.0-5-gfeedbee > %s/klippy/.version",
-                             f->dir, f->dir, f->dir), 0);
+        if (!have_git())
+                return skip_because(__func__, "git is not installed");
+        make_repo(f->dir);
+        commit_change(f->dir, "two\n");
+        sha = run_output(GIT " -C %s rev-parse HEAD", f->dir);
 
-        saved_path = fake_git(f, "#!/bin/sh\necho 'fatal: not a git repository' >&2\nexit 128\n");
+        /* --always: the abbreviated commit id alone. */
         assert_int_equal(version_read_host(f->dir, &v), 0);
-        assert_int_equal(setenv("PATH", saved_path, 1), 0);
-        assert_string_equal(v, "v0.11.0-5-gfeedbee");
-        free(v);
-        v = NULL;
+        assert_int_equal(strlen(v), 7);
+        assert_int_equal(strncmp(v, sha, 7), 0);
+        assert_same_as_git(f->dir);
 
-        /* No git at all in PATH. */
-        assert_int_equal(setenv("PATH", f->dir, 1), 0);
-        assert_int_equal(version_read_host(f->dir, &v), 0);
-        assert_int_equal(setenv("PATH", saved_path, 1), 0);
-        assert_string_equal(v, "v0.11.0-5-gfeedbee");
+        write_file_mode(f->dir, "README", "changed\n", 0644);
+        assert_same_as_git(f->dir);
 }
 
+static void test_read_host_git_tags(void **state) {
+        struct fixture *f = *state;
+
+        if (!have_git())
+                return skip_because(__func__, "git is not installed");
+        make_repo(f->dir);
+        /* An annotated tag, then a lightweight one further on: --tags takes
+         * both, the nearest wins. */
+        assert_int_equal(run(GIT " -C %s tag -a -m release v0.11.0", f->dir), 0);
+        assert_same_as_git(f->dir);
+        commit_change(f->dir, "two\n");
+        commit_change(f->dir, "three\n");
+        assert_same_as_git(f->dir);
+        assert_int_equal(run(GIT " -C %s tag v0.12.0", f->dir), 0);
+        /* On the tag itself: --long still says -0-g<sha>. */
+        assert_same_as_git(f->dir);
+        commit_change(f->dir, "four\n");
+        assert_same_as_git(f->dir);
+}
+
+static void test_read_host_git_abbrev(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *v = NULL;
+        struct version parsed;
+
+        if (!have_git())
+                return skip_because(__func__, "git is not installed");
+        make_repo(f->dir);
+        /* 16400 packed objects: git's "auto" length is 8, not 7. */
+        assert_int_equal(run("python3 -c 'import sys\n"
+                             "for i in range(16400):\n"
+                             "    d = b\"blob %%d\\n\" %% i\n"
+                             "    sys.stdout.buffer.write(b\"blob\\ndata %%d\\n\" %% len(d) + d)\n'"
+                             " | " GIT " -C %s fast-import --quiet", f->dir), 0);
+        assert_int_equal(run(GIT " -C %s tag v0.12.0", f->dir), 0);
+        commit_change(f->dir, "two\n");
+        assert_same_as_git(f->dir);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_int_equal(version_parse(v, &parsed), 0);
+        assert_int_equal(strlen(parsed.sha), 8);
+        version_done(&parsed);
+
+        /* core.abbrev wins. */
+        assert_int_equal(run(GIT " -C %s config core.abbrev 12", f->dir), 0);
+        assert_same_as_git(f->dir);
+}
+
+/* The repository's config asks for programs; none may run. */
+static void test_read_host_git_runs_nothing(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *hook = NULL, *v = NULL, *expected = NULL, *marker = NULL;
+
+        if (!have_git())
+                return skip_because(__func__, "git is not installed");
+        make_repo(f->dir);
+        assert_int_equal(run(GIT " -C %s tag v0.12.0", f->dir), 0);
+        write_file_mode(f->dir, ".gitattributes", "README filter=x\n", 0644);
+        assert_int_equal(run(GIT " -C %s add .gitattributes && " GIT " -C %s commit -q -m attr",
+                             f->dir, f->dir), 0);
+        expected = run_output(GIT " -C %s describe --always --tags --long", f->dir);
+
+        assert_true(asprintf(&hook, "%s/hook.sh", f->dir) > 0);
+        assert_true(asprintf(&marker, "%s/marker", f->dir) > 0);
+        {
+                _cleanup_free_ char *script = NULL;
+                assert_true(asprintf(&script, "#!/bin/sh\necho \"$1\" >> %s\ncat\n", marker) > 0);
+                write_file_mode(f->dir, "hook.sh", script, 0755);
+        }
+        assert_int_equal(run(GIT " -C %s config core.fsmonitor '%s fsmonitor' && "
+                             GIT " -C %s config filter.x.clean '%s clean' && "
+                             GIT " -C %s config filter.x.process '%s process' && "
+                             GIT " -C %s config core.hooksPath %s",
+                             f->dir, hook, f->dir, hook, f->dir, hook, f->dir, f->dir), 0);
+        write_file_mode(f->dir, "README", "changed\n", 0644);
+
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_int_equal(strncmp(v, expected, strlen(expected)), 0);
+        assert_string_equal(v + strlen(expected), "-dirty");
+        assert_int_equal(access(marker, F_OK), -1);
+
+        /* The programs are real: git runs them. */
+        assert_int_equal(run(GIT " -C %s status --porcelain >/dev/null 2>&1", f->dir), 0);
+        assert_int_equal(access(marker, F_OK), 0);
+}
+
+/* A FIFO where libgit2 reads blocks it: the child is killed at the timeout
+ * and klippy/.version is taken. */
 static void test_read_host_git_hangs(void **state) {
         struct fixture *f = *state;
-        _cleanup_free_ char *saved_path = NULL, *v = NULL;
+        _cleanup_free_ char *v = NULL, *index = NULL;
         struct timespec start, end;
         long long elapsed_msec;
 
-        assert_int_equal(run("mkdir %s/.git", f->dir), 0);
-        saved_path = fake_git(f, "#!/bin/sh\nexec sleep 30\n");
+        if (!have_git())
+                return skip_because(__func__, "git is not installed");
+        make_repo(f->dir);
+        assert_true(asprintf(&index, "%s/.git/index", f->dir) > 0);
+        assert_int_equal(unlink(index), 0);
+        assert_int_equal(mkfifo(index, 0644), 0);
+        assert_int_equal(run("mkdir %s/klippy && echo v0.11.0-5-gfeedbee > %s/klippy/.version",
+                             f->dir, f->dir), 0);
 
         clock_gettime(CLOCK_MONOTONIC, &start);
         assert_int_equal(version_read_host_with_timeout(f->dir, 300, &v), 0);
         clock_gettime(CLOCK_MONOTONIC, &end);
-        assert_int_equal(setenv("PATH", saved_path, 1), 0);
 
-        assert_string_equal(v, "?");
+        assert_string_equal(v, "v0.11.0-5-gfeedbee");
         elapsed_msec = (end.tv_sec - start.tv_sec) * 1000LL + (end.tv_nsec - start.tv_nsec) / 1000000;
         assert_true(elapsed_msec >= 250);
         assert_true(elapsed_msec < 3000);
+}
+
+/* Not a repository after all, or one without a commit: klippy/.version. */
+static void test_read_host_git_fails(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *v = NULL;
+
+        assert_int_equal(run("mkdir %s/.git %s/klippy && echo v0.11.0-5-gfeedbee > %s/klippy/.version",
+                             f->dir, f->dir, f->dir), 0);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "v0.11.0-5-gfeedbee");
+        free(v);
+        v = NULL;
+
+        if (!have_git())
+                return skip_because(__func__, "git is not installed");
+        assert_int_equal(run("rmdir %s/.git && " GIT " init -q %s", f->dir, f->dir), 0);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "v0.11.0-5-gfeedbee");
+}
+
+/* klippy/.version that is not a version, a FIFO, or a link to a file the
+ * checkout's owner cannot read: "?", at once. */
+static void test_read_host_version_file_refused(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *klippy = NULL, *file = NULL, *secret = NULL, *v = NULL;
+
+        assert_true(asprintf(&klippy, "%s/klippy", f->dir) > 0);
+        assert_true(asprintf(&file, "%s/klippy/.version", f->dir) > 0);
+        assert_int_equal(mkdir(klippy, 0755), 0);
+
+        write_file_mode(klippy, ".version", "root:$y$j9T$abc:19000:0:99999:7:::\n", 0644);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "?");
+        free(v);
+        v = NULL;
+
+        assert_int_equal(unlink(file), 0);
+        assert_int_equal(mkfifo(file, 0644), 0);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "?");
+        free(v);
+        v = NULL;
+
+        if (geteuid() != 0)
+                return skip_because(__func__, "the foreign-owner part needs root (chown)");
+        assert_int_equal(unlink(file), 0);
+        write_file_mode(f->dir, "secret", "v1secret\n", 0600);
+        assert_true(asprintf(&secret, "%s/secret", f->dir) > 0);
+        assert_int_equal(symlink(secret, file), 0);
+        /* Root's checkout: root can read it. */
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "v1secret");
+        free(v);
+        v = NULL;
+        /* nobody's checkout: not on their behalf. */
+        assert_int_equal(chown(f->dir, 65534, 65534), 0);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "?");
+        free(v);
+        v = NULL;
+        /* Their own file: yes. */
+        assert_int_equal(chown(secret, 65534, 65534), 0);
+        assert_int_equal(version_read_host(f->dir, &v), 0);
+        assert_string_equal(v, "v1secret");
 }
 
 static void test_read_host_git_other_owner(void **state) {
@@ -399,6 +569,11 @@ int main(void) {
                 cmocka_unit_test(test_match_to_string),
                 unit_test_in_tmpdir(test_read_host_version_file),
                 unit_test_in_tmpdir(test_read_host_git),
+                unit_test_in_tmpdir(test_read_host_version_file_refused),
+                unit_test_in_tmpdir(test_read_host_git_no_tags),
+                unit_test_in_tmpdir(test_read_host_git_tags),
+                unit_test_in_tmpdir(test_read_host_git_abbrev),
+                unit_test_in_tmpdir(test_read_host_git_runs_nothing),
                 unit_test_in_tmpdir(test_read_host_git_fails),
                 unit_test_in_tmpdir(test_read_host_git_hangs),
                 unit_test_in_tmpdir(test_read_host_git_other_owner),
