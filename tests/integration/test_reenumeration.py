@@ -263,6 +263,43 @@ def test_katapult_boot_targets():
     assert "not in RAM" in core.boot_failure
 
 
+def test_rom_bootloaders_start_only_an_image_that_fits_where_it_was_written():
+    """ST's ROM DFU starts the image at its leave address, the RP2040 boot
+    ROM boot2 and then the vector table at 0x10000100: an image linked
+    elsewhere does not start, and the ROM bootloader stays."""
+    import usb_boot
+
+    old = '{"version": "v0.12.0-1-gold"}'
+    good = firmware_image(NEW_VERSION, "stm32f429xx", start=0x08008000)
+    dfu = usb_boot.Stm32DfuSim(bootloader_size=0)
+    assert dfu.boot_target(old) == ("klipper", old) and dfu.boot_failure is None   # nothing written
+    dfu.flash[0x8000:0x8000 + len(good)] = good
+    dfu.left = 0x08008000
+    mode, dictionary = dfu.boot_target(old)
+    assert mode == "klipper" and klipper_dict_version(dictionary) == NEW_VERSION
+    # Linked for 0x08008000, started at 0x08000000 (nothing there) or
+    # written at 0x08000000 and started there: stays in DFU.
+    dfu.left = 0x08000000
+    assert dfu.boot_target(old) == ("bootloader", None) and "not in RAM" in dfu.boot_failure
+    dfu.flash[:] = b"\xff" * len(dfu.flash)
+    dfu.flash[0:len(good)] = good
+    assert dfu.boot_target(old) == ("bootloader", None) and "lies outside" in dfu.boot_failure
+
+    pico = usb_boot.Rp2040BootSim()
+    app = firmware_image(NEW_VERSION, "rp2040", start=0x10000100)
+    pico.flash[0:256] = b"\x4b" * 256                   # boot2
+    pico.flash[256:256 + len(app)] = app
+    mode, dictionary = pico.boot_target(None)
+    assert mode == "klipper" and klipper_dict_version(dictionary) == NEW_VERSION
+    # A Katapult build (linked at 0x10004000) written at 0x10000000.
+    pico.flash[256:256 + len(app)] = firmware_image(NEW_VERSION, "rp2040", start=0x10004000)
+    assert pico.boot_target(None) == ("bootloader", None) and "lies outside" in pico.boot_failure
+    # Written at 0x10004000 without boot2: the boot ROM stays in BOOTSEL.
+    pico.flash[:] = b"\xff" * len(pico.flash)
+    pico.flash[0x4000:0x4000 + len(app)] = firmware_image(NEW_VERSION, "rp2040", start=0x10004000)
+    assert pico.boot_target(None) == ("bootloader", None) and "boot2" in pico.boot_failure
+
+
 def test_klipper_sim_sees_the_1200_baud_touch_on_a_pty():
     master, slave = os.openpty()
     requests = []
