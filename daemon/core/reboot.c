@@ -178,13 +178,13 @@ static void reboot_stayed_in_bootloader(struct job *j, struct mcu *m) {
         job_disarm_timeout(j);
         if (rb->after)
                 job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL,
-                           "The MCU stayed in its bootloader (%s) after %s: the written image did not start "
-                           "(is it built for this MCU and its flash start?). The MCU is in its bootloader; "
-                           "flash an image built for it.", m->bootloader, rb->after);
+                           "The MCU stayed in its bootloader (%s) after %s: the application did not start "
+                           "(is the image built for this MCU and its flash start?). Flash an image built for "
+                           "it, or 'mcuflashctl reboot' tries to start it again.", m->bootloader, rb->after);
         else
                 job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL,
                            "The MCU stayed in its bootloader (%s): its application did not start. Flash a "
-                           "Klipper image built for it.", m->bootloader);
+                           "Klipper image built for it, or 'mcuflashctl reboot' tries again.", m->bootloader);
 }
 
 static void on_reboot_timeout(struct job *j) {
