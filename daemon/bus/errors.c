@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include "bus/errors.h"
+#include "shared/strutil.h"
 
 static const char *const error_names[_MCUFLASH_ERROR_MAX] = {
         [MCUFLASH_ERROR_NOT_AUTHORIZED] = "io.mcuflash1.Error.NotAuthorized",
@@ -25,13 +26,17 @@ const char *mcuflash_error_name(enum mcuflash_error e) {
 }
 
 int bus_error_setf(sd_bus_error *error, enum mcuflash_error e, const char *fmt, ...) {
+        _cleanup_free_ char *text = NULL, *clean = NULL;
         va_list ap;
         int r;
 
         va_start(ap, fmt);
-        r = sd_bus_error_setfv(error, mcuflash_error_name(e), fmt, ap);
+        r = vasprintf(&text, fmt, ap);
         va_end(ap);
-        return r;
+        /* Messages may quote an MCU's or an image's text; a reply with
+         * invalid UTF-8 could not be sent at all. */
+        clean = r < 0 ? NULL : utf8_sanitize(text);
+        return sd_bus_error_set(error, mcuflash_error_name(e), clean ?: "Out of memory.");
 }
 
 int bus_error_from_errno(sd_bus_error *error, int r, const char *message) {

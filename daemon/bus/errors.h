@@ -24,8 +24,8 @@ enum mcuflash_error {
 
 const char *mcuflash_error_name(enum mcuflash_error e);
 
-/* Set @error to the named error with a formatted message; returns the
- * negative value sd-bus handlers return for it. */
+/* Set @error to the named error with a formatted message (made valid
+ * UTF-8); returns the negative value sd-bus handlers return for it. */
 int bus_error_setf(sd_bus_error *error, enum mcuflash_error e, const char *fmt, ...) _printf_(3, 4);
 
 /* Map a negative errno from core code to the matching io.mcuflash1 error

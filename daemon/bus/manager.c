@@ -78,14 +78,29 @@ static int method_get_mcu(sd_bus_message *m, void *userdata, sd_bus_error *error
         return sd_bus_reply_method_return(m, "o", mcu->object_path);
 }
 
+/* Answered when the rescan is complete, printer.cfg's names included. */
+static void rescan_done(struct daemon *d, int result, void *userdata) {
+        sd_bus_message *m = userdata;
+
+        if (result < 0)
+                (void) sd_bus_reply_method_errorf(m, SD_BUS_ERROR_FAILED, "Rescan failed: %s", strerror(-result));
+        else
+                (void) sd_bus_reply_method_return(m, NULL);
+        sd_bus_message_unref(m);
+        if (d->bus)
+                bus_kick(d);
+}
+
 static int method_rescan(sd_bus_message *m, void *userdata, sd_bus_error *error) {
         struct daemon *d = userdata;
         int r;
 
-        r = daemon_rescan(d);
-        if (r < 0)
+        r = daemon_rescan(d, rescan_done, sd_bus_message_ref(m));
+        if (r < 0) {
+                sd_bus_message_unref(m);
                 return sd_bus_error_set_errnof(error, -r, "Rescan failed: %s", strerror(-r));
-        return sd_bus_reply_method_return(m, NULL);
+        }
+        return 1;
 }
 
 static const sd_bus_vtable manager_vtable[] = {

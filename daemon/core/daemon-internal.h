@@ -8,7 +8,11 @@
 #define DEFAULT_UART_BAUD 250000
 #define DAEMON_HELD_REASON "in use by Klipper; what is shown is what Klipper reports"
 
-/* Read printer.cfg again and give every MCU its name from it. */
+/* How long start-up waits for the first read of printer.cfg. */
+#define PRINTERCFG_STARTUP_WAIT_SEC 5
+
+/* Read printer.cfg again (in a worker) and give every MCU its name from it
+ * when that is done. */
 void daemon_reload_printercfg(struct daemon *d);
 
 /* Name and UART speed as printer.cfg says. */
@@ -36,8 +40,10 @@ void daemon_tty_removed(void *userdata, const char *syspath);
 void daemon_usb_added(void *userdata, const struct udev_usb_info *info);
 void daemon_usb_removed(void *userdata, const char *syspath);
 
-/* Linux process MCU paths (linuxmcu.c). */
+/* Linux process MCU paths (linuxmcu.c): watch those printer.cfg names now;
+ * stop watching at exit. */
 int daemon_linux_mcus_update(struct daemon *d);
+void daemon_linux_mcus_free(struct daemon *d);
 
 /* CAN interfaces and nodes (can.c). */
 int daemon_can_start(struct daemon *d);
@@ -49,6 +55,8 @@ bool daemon_can_interface_up(struct daemon *d, const char *ifname);
 /* The running Klipper, through its API socket (host.c). */
 int daemon_host_start(struct daemon *d);
 void daemon_host_stop(struct daemon *d);
+/* printer.cfg was (re)read: MCUs shown as Klipper's that are not are freed. */
+void daemon_host_printercfg_changed(struct daemon *d);
 /* Is @m's link Klipper's now (Klipper runs and @m is in its printer.cfg)? */
 bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m);
 

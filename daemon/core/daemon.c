@@ -17,6 +17,7 @@
 #include "core/job.h"
 #include "core/version.h"
 #include "shared/log.h"
+#include "shared/strutil.h"
 #include "build-config.h"
 
 
@@ -38,7 +39,7 @@ static int host_version_run(void *userdata) {
 void daemon_set_host_version(struct daemon *d, const char *version) {
         const char *v = (isempty(version) || streq(version, "?")) ? "" : version;
 
-        if (free_and_strdup(&d->host_version, v) <= 0)
+        if (free_and_strdup_utf8(&d->host_version, v) <= 0)
                 return;
         log_info("Host Klipper version: %s", isempty(v) ? "unknown" : v);
         bus_manager_emit_changed(d, "HostVersion");
@@ -113,33 +114,175 @@ void daemon_set_klippy_version(struct daemon *d, const char *version) {
 
 /* ---- printer.cfg ------------------------------------------------------- */
 
-/* printer.cfg: PrinterConfig=, else the file klippy's API says it runs. */
-static void daemon_load_printercfg(struct daemon *d) {
-        const char *path = d->config->printer_config ?: d->klippy_config_file;
-        struct printercfg *p = NULL;
-        int r;
+/* printer.cfg is the Klipper user's file: it is read in a worker thread
+ * (core/printercfg.c bounds the work and checks every file), so the loop
+ * keeps answering D-Bus however slow or hostile it is.  The current view
+ * stays in place until a read finishes; a newer read supersedes (cancels)
+ * one still running, whose result is then dropped. */
+struct printercfg_read {
+        struct daemon *daemon;
+        char *path;
+        atomic_bool cancel;
+        bool rediscover;        /* enumerate ttys again when done (start-up, Rescan) */
+        uid_t reader;           /* whose read rights count (printercfg.h) */
+        struct printercfg *result;
+};
 
-        d->printercfg = printercfg_free(d->printercfg);
-        if (isempty(path))
-                return;
-        r = printercfg_load(path, &p);
-        if (r < 0) {
-                log_warning_errno(r, "Cannot read %s: %m; MCUs are shown without names.", path);
-                return;
+/* A Rescan waiting for the read it started (or a newer one) to finish. */
+struct rescan_waiter {
+        daemon_rescan_done_fn done;
+        void *userdata;
+        struct rescan_waiter *next;
+};
+
+static void daemon_finish_rescans(struct daemon *d, int result) {
+        struct rescan_waiter *w = d->rescan_waiters;
+
+        d->rescan_waiters = NULL;
+        while (w) {
+                struct rescan_waiter *next = w->next;
+
+                w->done(d, result, w->userdata);
+                free(w);
+                w = next;
         }
-        if (p->n_warnings > 0)
-                log_warning("%s has %u problem(s), see above; what could be read is used.",
-                            path, p->n_warnings);
-        d->printercfg = p;
 }
 
-void daemon_reload_printercfg(struct daemon *d) {
-        daemon_load_printercfg(d);
+static void printercfg_read_free(struct printercfg_read *req) {
+        printercfg_free(req->result);
+        free(req->path);
+        free(req);
+}
+
+static int printercfg_read_run(void *userdata) {
+        struct printercfg_read *req = userdata;
+
+        return printercfg_load_cancellable(req->path, req->reader, &req->cancel, &req->result);
+}
+
+/* Give every MCU its name from the printer.cfg now in place, and look
+ * again at what depends on it once discovery runs: Linux MCU links, ttys
+ * that only printer.cfg names (@rediscover), MCUs no longer Klipper's. */
+static void daemon_printercfg_changed(struct daemon *d, bool rediscover) {
         for (size_t i = 0; i < d->registry->n_mcus; i++) {
                 daemon_apply_printercfg(d, d->registry->mcus[i]);
                 registry_commit(d->registry, d->registry->mcus[i]);
         }
+        if (!d->udev)
+                return;         /* start-up: discovery has not begun */
         (void) daemon_linux_mcus_update(d);
+        if (rediscover)
+                (void) udev_discovery_enumerate(d->udev);
+        daemon_host_printercfg_changed(d);
+}
+
+static void printercfg_read_done(void *userdata, int result) {
+        struct printercfg_read *req = userdata;
+        struct daemon *d = req->daemon;
+
+        if (result == -ECANCELED || d->printercfg_read != req) {
+                printercfg_read_free(req);
+                return;
+        }
+        d->printercfg_read = NULL;
+        d->printercfg = printercfg_free(d->printercfg);
+        if (result == -E2BIG || result == -EFBIG)
+                log_warning("printer.cfg %s is not used: it exceeds a bound (see above); "
+                            "MCUs are shown without names.", req->path);
+        else if (result < 0)
+                log_warning_errno(result, "printer.cfg %s is not used: %m; MCUs are shown without names.",
+                                  req->path);
+        else {
+                if (req->result->n_warnings > 0)
+                        log_warning("%s has %u problem(s), see above; what could be read is used.",
+                                    req->path, req->result->n_warnings);
+                log_debug("Read %s: %zu MCU section(s).", req->path, req->result->n_mcus);
+                d->printercfg = TAKE_PTR(req->result);
+        }
+        daemon_printercfg_changed(d, req->rediscover);
+        printercfg_read_free(req);
+        daemon_finish_rescans(d, 0);
+}
+
+/* printer.cfg: PrinterConfig=, else the file klippy's API says it runs.
+ * Starts reading it; the result follows on the loop. */
+static void daemon_start_printercfg_read(struct daemon *d, bool rediscover) {
+        const char *path = d->config->printer_config ?: d->klippy_config_file;
+        struct printercfg_read *req;
+        int r;
+
+        if (d->printercfg_read) {
+                atomic_store(&d->printercfg_read->cancel, true);
+                d->printercfg_read = NULL;
+        }
+        if (isempty(path)) {
+                d->printercfg = printercfg_free(d->printercfg);
+                return;
+        }
+
+        req = calloc(1, sizeof(*req));
+        if (!req || !(req->path = strdup(path))) {
+                free(req);
+                log_oom();
+                return;
+        }
+        req->daemon = d;
+        req->rediscover = rediscover;
+        /* PrinterConfig= is root's choice: its owner is the Klipper user.
+         * The file klippy names is read with klippy's rights. */
+        req->reader = !d->config->printer_config && d->klippy_uid_known ? d->klippy_uid : PRINTERCFG_OWNER;
+        atomic_init(&req->cancel, false);
+        r = worker_start(d->workers, printercfg_read_run, printercfg_read_done, req);
+        if (r < 0) {
+                log_error_errno(r, "Cannot start reading %s: %m", path);
+                printercfg_read_free(req);
+                return;
+        }
+        d->printercfg_read = req;
+}
+
+static void daemon_load_printercfg(struct daemon *d, bool rediscover) {
+        daemon_start_printercfg_read(d, rediscover);
+        /* Without a read to wait for, waiting Rescans are complete. */
+        if (!d->printercfg_read)
+                daemon_finish_rescans(d, 0);
+}
+
+void daemon_reload_printercfg(struct daemon *d) {
+        daemon_load_printercfg(d, false);
+        if (!d->printercfg_read)
+                daemon_printercfg_changed(d, false);
+}
+
+/* At start-up, names should be there when the bus name appears: give the
+ * first read a few seconds (the loop runs, nothing else is on it yet); a
+ * slower one is applied when it finishes.  Returns false if a signal asked
+ * to stop meanwhile. */
+static void on_wait_timeout(evutil_socket_t fd, short what, void *userdata) {
+}
+
+static bool daemon_wait_printercfg(struct daemon *d) {
+        struct timeval limit = { .tv_sec = PRINTERCFG_STARTUP_WAIT_SEC };
+        struct event *timer;
+        bool stop = false;
+
+        if (!d->printercfg_read)
+                return true;
+        timer = evtimer_new(d->base, on_wait_timeout, NULL);
+        if (!timer || evtimer_add(timer, &limit) < 0) {
+                if (timer)
+                        event_free(timer);
+                return true;
+        }
+        while (d->printercfg_read && evtimer_pending(timer, NULL) && !stop) {
+                if (event_base_loop(d->base, EVLOOP_ONCE) < 0)
+                        break;
+                stop = event_base_got_break(d->base) || event_base_got_exit(d->base);
+        }
+        if (d->printercfg_read && !stop)
+                log_warning("Still reading %s; MCU names follow when it is done.", d->printercfg_read->path);
+        event_free(timer);
+        return !stop;
 }
 
 static const struct printercfg_mcu *daemon_printercfg_entry(struct daemon *d, const struct mcu *m) {
@@ -169,11 +312,18 @@ void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
 
 /* ---- rescan ------------------------------------------------------------ */
 
-int daemon_rescan(struct daemon *d) {
+int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata) {
+        struct rescan_waiter *w;
         int r;
 
+        w = calloc(1, sizeof(*w));
+        if (!w)
+                return -ENOMEM;
+
         log_info("Rescanning.");
-        daemon_load_printercfg(d);
+        /* Names and ttys that only the new printer.cfg gives follow when it
+         * has been read. */
+        daemon_load_printercfg(d, true);
         daemon_read_host_version(d);
 
         for (size_t i = d->registry->n_mcus; i > 0; i--) {
@@ -188,11 +338,12 @@ int daemon_rescan(struct daemon *d) {
         }
 
         r = udev_discovery_enumerate(d->udev);
-        if (r < 0)
+        if (r >= 0)
+                r = daemon_linux_mcus_update(d);
+        if (r < 0) {
+                free(w);
                 return r;
-        r = daemon_linux_mcus_update(d);
-        if (r < 0)
-                return r;
+        }
         daemon_can_rescan(d, NULL);
 
         /* Cold plug re-identifies what it (re)added; MCUs that stayed
@@ -200,6 +351,12 @@ int daemon_rescan(struct daemon *d) {
         for (size_t i = 0; i < d->registry->n_mcus; i++)
                 if (d->registry->mcus[i]->state_id == MCU_STATE_UNKNOWN)
                         daemon_start_identify(d, d->registry->mcus[i]);
+
+        /* Done when the names of the new printer.cfg are in place. */
+        *w = (struct rescan_waiter) { .done = done, .userdata = userdata, .next = d->rescan_waiters };
+        d->rescan_waiters = w;
+        if (!d->printercfg_read)
+                daemon_finish_rescans(d, 0);
         return 0;
 }
 
@@ -235,7 +392,8 @@ int daemon_new(const char *config_path, struct daemon **ret) {
         if (r < 0)
                 return r;
 
-        daemon_load_printercfg(d);
+        /* Read in a worker; daemon_run() waits a little for it. */
+        daemon_load_printercfg(d, true);
         *ret = TAKE_PTR(d);
         return 0;
 }
@@ -243,11 +401,16 @@ int daemon_new(const char *config_path, struct daemon **ret) {
 struct daemon *daemon_free(struct daemon *d) {
         if (!d)
                 return NULL;
-        /* Workers first: their completions still refer to the registry. */
+        /* Workers first: their completions still refer to the registry.
+         * A printer.cfg read stops at its next file. */
+        if (d->printercfg_read)
+                atomic_store(&d->printercfg_read->cancel, true);
         d->workers = worker_pool_free(d->workers);
+        daemon_finish_rescans(d, -ESHUTDOWN);
         jobs_free_all(d);
         d->udev = udev_discovery_free(d->udev);
         d->path_watch = path_watch_free(d->path_watch);
+        daemon_linux_mcus_free(d);
         daemon_can_stop(d);
         daemon_host_stop(d);
         bus_disconnect(d);
@@ -291,6 +454,9 @@ int daemon_run(struct daemon *d) {
         if (!d->sigterm_event || !d->sigint_event ||
             evsignal_add(d->sigterm_event, NULL) < 0 || evsignal_add(d->sigint_event, NULL) < 0)
                 return log_error_errno(ENOMEM, "Cannot watch signals: %m");
+
+        if (!daemon_wait_printercfg(d))
+                return 0;
 
         r = bus_connect(d);
         if (r < 0)

@@ -20,15 +20,20 @@
 #include "discover/udev.h"
 
 struct bus_loop;
+struct printercfg_read;
+struct rescan_waiter;
 struct can_iface;
 struct klippy_client;
 struct job;
+struct linux_links;
 
 struct daemon {
         struct event_base *base;
         struct config *config;
         char *config_path;
         struct printercfg *printercfg;  /* NULL when none configured or readable */
+        struct printercfg_read *printercfg_read;        /* the read in progress (daemon.c), or NULL */
+        struct rescan_waiter *rescan_waiters;           /* Rescans waiting for that read (daemon.c) */
         char *host_version;             /* "" while unknown */
         bool host_version_pending;
         bool host_version_from_klippy;  /* host_version is klippy's software_version */
@@ -38,10 +43,13 @@ struct daemon {
         struct worker_pool *workers;
         struct udev_discovery *udev;
         struct path_watch *path_watch;  /* Linux process MCU ptys */
+        struct linux_links *linux_links; /* linuxmcu.c: the klipper_mcu behind each */
         struct can_watch *can_watch;
         struct can_iface *can_ifaces;   /* core/can.c's list */
         struct klippy_client *klippy;   /* NULL without ApiSocket= */
         char *klippy_config_file;       /* printer.cfg as klippy names it */
+        uid_t klippy_uid;               /* klippy's user (SO_PEERCRED), if klippy_uid_known */
+        bool klippy_uid_known;
         struct event *klippy_settle_timer;
         bool klipper_running;           /* the klippy API is connected */
         bool klippy_says_stopped;       /* the klippy API is configured and no Klipper runs */
@@ -62,7 +70,8 @@ struct daemon {
         int exit_code;
 };
 
-/* Read configuration and printer.cfg, create the loop and the registry.
+/* Read the configuration, create the loop and the registry, start reading
+ * printer.cfg in a worker (daemon_run() waits a few seconds for it).
  * No device is touched and no bus is connected yet. */
 int daemon_new(const char *config_path, struct daemon **ret);
 struct daemon *daemon_free(struct daemon *d);
@@ -73,8 +82,13 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct daemon *, daemon_free);
 int daemon_run(struct daemon *d);
 
 /* Rescan: re-read printer.cfg and the host version, drop offline MCUs,
- * enumerate devices again and re-identify MCUs whose state is unknown. */
-int daemon_rescan(struct daemon *d);
+ * enumerate devices again and re-identify MCUs whose state is unknown.
+ * printer.cfg is read in a worker: @done(@d, 0, @userdata) follows on the
+ * loop once the names from it are in place (at once, from within this
+ * call, when there is no printer.cfg), or with -ESHUTDOWN when the daemon
+ * stops first.  A negative return is an error and @done is not called. */
+typedef void (*daemon_rescan_done_fn)(struct daemon *d, int result, void *userdata);
+int daemon_rescan(struct daemon *d, daemon_rescan_done_fn done, void *userdata);
 
 /* Re-identify @m (Refresh).  Returns 0 when an identify runs (the answer
  * follows through bus_mcu_complete_refresh()), 1 when there is nothing to

@@ -26,6 +26,7 @@
 #include "image/dictionary.h"
 #include "proto/canbus.h"
 #include "shared/log.h"
+#include "shared/strutil.h"
 
 #define KLIPPY_SETTLE_SEC 5
 #define CAN_DEFAULT_INTERFACE "can0"
@@ -44,7 +45,7 @@ static bool klippy_socket_answers(const char *path) {
 }
 
 static void daemon_set_printer_state(struct daemon *d, const char *state) {
-        if (free_and_strdup(&d->printer_state, state) > 0) {
+        if (free_and_strdup_utf8(&d->printer_state, state) > 0) {
                 log_info("Printer state: %s", state);
                 bus_manager_emit_changed(d, "PrinterState");
         }
@@ -118,15 +119,16 @@ bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m) {
          * did not hold it), and Klipper never talks to a bootloader. */
         if (!streq(m->job, "/") || m->speaks_katapult || m->state_id == MCU_STATE_BOOTLOADER)
                 return false;
-        /* Until the daemon knows which printer.cfg Klipper runs, every MCU
-         * may be one of Klipper's. */
-        if (!d->printercfg && isempty(d->config->printer_config))
+        /* Until the daemon knows which printer.cfg Klipper runs (or while
+         * the first one is still being read), every MCU may be one of
+         * Klipper's. */
+        if (!d->printercfg && (isempty(d->config->printer_config) || d->printercfg_read))
                 return true;
         return !isempty(m->name);
 }
 
 /* MCUs that are not (or no longer) Klipper's: find out what they run. */
-static void host_release_mcus(struct daemon *d) {
+static void host_release_held(struct daemon *d) {
         for (size_t i = 0; i < d->registry->n_mcus; i++) {
                 struct mcu *m = d->registry->mcus[i];
 
@@ -137,7 +139,16 @@ static void host_release_mcus(struct daemon *d) {
                 if (m->transport_id != MCU_TRANSPORT_CAN)
                         daemon_start_identify(d, m);
         }
+}
+
+static void host_release_mcus(struct daemon *d) {
+        host_release_held(d);
         daemon_can_rescan(d, NULL);
+}
+
+void daemon_host_printercfg_changed(struct daemon *d) {
+        /* printer.cfg names the CAN nodes worth asking for, too. */
+        host_release_mcus(d);
 }
 
 static void host_state_changed(void *userdata, const struct klippy_status *st) {
@@ -155,13 +166,15 @@ static void host_state_changed(void *userdata, const struct klippy_status *st) {
         /* While Klipper runs its own word on its version wins over the checkout. */
         daemon_set_klippy_version(d, st->connected ? st->software_version : NULL);
 
-        /* Without PrinterConfig=, klippy tells which printer.cfg it runs. */
+        /* Without PrinterConfig=, klippy tells which printer.cfg it runs.
+         * It is read like any other: in a worker, within bounds, only what
+         * its owner may read; MCUs it does not name are released when that
+         * read is done (daemon_host_printercfg_changed()). */
         if (isempty(d->config->printer_config) && !isempty(st->config_file) &&
             free_and_strdup(&d->klippy_config_file, st->config_file) > 0) {
+                d->klippy_uid_known = klippy_client_peer_uid(d->klippy, &d->klippy_uid) >= 0;
                 log_info("Reading MCU names from %s, the printer.cfg klippy runs.", st->config_file);
                 daemon_reload_printercfg(d);
-                /* Now known not to be Klipper's: */
-                host_release_mcus(d);
         }
 
         for (size_t i = 0; i < st->n_mcus; i++)

@@ -27,6 +27,10 @@ int identify_request_new(const struct mcu *m, int timeout_ms, struct identify_re
         req->baud = m->baud;
         req->timeout_ms = timeout_ms;
         req->katapult = m->speaks_katapult;
+        /* A Linux process MCU's pty is only opened as klipper_mcu's. */
+        if (m->transport_id == MCU_TRANSPORT_LINUX)
+                req->pty_owner = m->pty_owner > 0 ? m->pty_owner : -1;
+        req->pty_index = m->pty_index;
         *ret = TAKE_PTR(req);
         return 0;
 }
@@ -66,7 +70,7 @@ int identify_run(void *userdata) {
         _cleanup_(transport_freep) struct transport *t = NULL;
         int r;
 
-        r = serial_transport_open(req->device_path, req->baud, &t);
+        r = serial_transport_open_pty(req->device_path, req->baud, req->pty_owner, req->pty_index, &t);
         if (r < 0)
                 return r;
         if (req->katapult)
@@ -128,6 +132,9 @@ static void identify_describe_failure(int result, int timeout_ms, const char *wh
                 break;
         case -ENODEV:
                 snprintf(buf, size, "went away during identify");
+                break;
+        case -ESTALE:
+                snprintf(buf, size, "the pty behind %s no longer belongs to klipper_mcu; not opened", where);
                 break;
         case -EACCES:
         case -EPERM:

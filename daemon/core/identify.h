@@ -19,6 +19,9 @@ struct identify_request {
         unsigned baud;
         int timeout_ms;
         bool katapult;                  /* ask Katapult (CONNECT), not Klipper */
+        pid_t pty_owner;                /* > 0: only open /dev/pts/pty_index of this klipper_mcu;
+                                         * -1: a Linux MCU without one (never opened) */
+        int pty_index;
         struct klipper_dict *dict;      /* result on success (Klipper) */
         struct katapult_info katapult_info; /* result on success (Katapult) */
 };

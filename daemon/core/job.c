@@ -16,6 +16,7 @@
 #include "core/job.h"
 #include "core/units.h"
 #include "shared/log.h"
+#include "shared/strutil.h"
 
 #define JOB_OBJECT_PATH_PREFIX "/io/mcuflash1/job"
 
@@ -277,7 +278,8 @@ void job_finish(struct job *j, enum job_state state, enum mcuflash_error error, 
                         message = NULL;
                 va_end(ap);
                 (void) free_and_strdup(&j->error, mcuflash_error_name(error));
-                (void) free_and_strdup(&j->error_message, message ?: "");
+                /* May quote outside text (a dictionary, a bootloader's reply). */
+                (void) free_and_strdup_utf8(&j->error_message, message ?: "");
                 job_mark(j, JOB_PROP_ERROR);
                 job_mark(j, JOB_PROP_ERROR_MESSAGE);
                 log_warning("job %u (%s %s) %s: %s", j->number, j->kind, j->mcu_id,

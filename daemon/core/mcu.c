@@ -1,12 +1,17 @@
 /* The MCU record: string tables for its enums and setters that track which
  * D-Bus properties changed.  No I/O, no D-Bus: the bus layer reads the
- * fields and the changed mask. */
+ * fields and the changed mask.  Every string property is set through
+ * mcu_set_string() (and the Id through mcu_new()), which make it valid
+ * UTF-8: values come from udev, printer.cfg, klippy and the MCUs themselves,
+ * and one invalid string would break GetAll and GetManagedObjects for every
+ * MCU. */
 #include <errno.h>
 #include <event2/event.h>
 #include <stddef.h>
 #include <stdlib.h>
 
 #include "core/mcu.h"
+#include "shared/strutil.h"
 
 static const char *const transport_names[_MCU_TRANSPORT_MAX] = {
         [MCU_TRANSPORT_USB_SERIAL] = "usb-serial",
@@ -88,7 +93,7 @@ int mcu_new(const char *id, struct mcu **ret) {
         m = calloc(1, sizeof(*m));
         if (!m)
                 return -ENOMEM;
-        m->id = strdup(id);
+        m->id = utf8_sanitize(id);
         m->object_path = strdup("");
         m->syspath = strdup("");
         m->devlinks = strdup("");
@@ -141,7 +146,7 @@ int mcu_set_string(struct mcu *m, enum mcu_prop p, const char *value) {
 
         if (!f)
                 return -EINVAL;
-        r = free_and_strdup(f, value ?: "");
+        r = free_and_strdup_utf8(f, value ?: "");
         if (r > 0)
                 mcu_mark(m, p);
         return r < 0 ? r : 0;

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "core/version.h"
 #include "shared/macro.h"
@@ -99,6 +100,8 @@ struct mcu {
         unsigned usb_busnum;            /* of a USB bootloader device */
         unsigned usb_devnum;
         bool speaks_katapult;           /* its link answers Katapult, not Klipper */
+        pid_t pty_owner;                /* Linux process MCU: the klipper_mcu holding its pty's */
+        int pty_index;                  /* master, and that pty's number (linuxmcu.c); 0 = none */
         bool link_busy;                 /* a job's worker is using the link */
         bool identifying;
         uint64_t identify_generation;   /* bumped when a running identify becomes stale */

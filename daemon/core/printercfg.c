@@ -17,8 +17,39 @@
  *    options the regular configuration already sets (klippy comments those
  *    out as duplicates).
  *
- * Only [mcu] and [mcu NAME] sections are kept.  Problems in the content are
- * logged as warnings and counted; parsing continues.  Paths are never
+ * Only [mcu] and [mcu NAME] sections are kept, and of them only the options
+ * the daemon uses.  Problems in the content are logged as warnings and
+ * counted; parsing continues.
+ *
+ * The daemon runs as root, but printer.cfg and what it includes belong to
+ * the Klipper user, so the reader trusts none of it:
+ *
+ *  - Whose files: the owner of the top file (after following symlinks) is
+ *    taken to be the Klipper user; for the path klippy reports, the uid of
+ *    klippy's process (SO_PEERCRED of its API socket), who must be able to
+ *    read the top file too.  Unless that is root, a file is used only
+ *    if that user could read it by its mode bits — owner, group (primary
+ *    and supplementary groups from the user database) or other — and could
+ *    search every directory above it (checked on the real path of the
+ *    opened file, so symlinks cannot hide a root-only directory).  POSIX
+ *    ACLs are not consulted: their mask shows in the group bits, so a file
+ *    readable only through a named ACL entry is refused, never the other
+ *    way round.  Switching credentials (setfsuid) is not used: the unit
+ *    keeps no CAP_SETUID and filters the @privileged system calls.  A file
+ *    the user cannot read is skipped with a warning, like a missing one.
+ *  - Only regular files: stat() before open() (a FIFO or device is never
+ *    opened), then open with O_NONBLOCK and check fstat() of the result is
+ *    the same regular file.  Symlinks are followed: a linked printer.cfg is
+ *    normal in Klipper installs.  Anything else makes printer.cfg unusable.
+ *  - Bounds: see the PRINTERCFG_MAX_* values in the header; exceeding any of
+ *    them makes printer.cfg unusable (an error naming file and line), as
+ *    does an include loop's exponential cousin (each file including the
+ *    next twice) through the file count.  Include cycles are skipped with a
+ *    warning, as before.
+ *  - Messages name files and line numbers, never what a line contains.
+ *  - A read can be cancelled between files (a newer read supersedes it).
+ *
+ * Paths are never
  * canonicalised with realpath(): /dev paths are compared as written (after
  * removing "//" and "/./"), because realpath() on emulated device nodes
  * crashes under umockdev and symlinks under /dev change with hotplug. */
@@ -26,6 +57,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <glob.h>
+#include <grp.h>
+#include <limits.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,14 +67,15 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "core/printercfg.h"
 #include "shared/log.h"
 #include "shared/macro.h"
 #include "shared/strutil.h"
 
-#define MAX_INCLUDE_DEPTH 32
-#define MAX_FILE_SIZE (16 * 1024 * 1024)
+/* The options of an [mcu] section the daemon uses; others are not kept. */
+static const char *const kept_keys[] = { "serial", "baud", "canbus_uuid", "canbus_interface" };
 
 static const char *const autosave_header[3] = {
         "#*# <---------------------- SAVE_CONFIG ---------------------->",
@@ -52,6 +87,8 @@ struct option {
         char *key;              /* lower-cased */
         char *value;            /* continuation lines joined with '\n' */
         bool regular;           /* set outside the SAVE_CONFIG block */
+        char *file;             /* where it was set, for messages */
+        unsigned lineno;
 };
 
 struct section {
@@ -65,12 +102,28 @@ struct open_file {
         ino_t ino;
 };
 
+/* The Klipper user, as far as file access goes. */
+struct reader {
+        bool set;               /* known before the top file is opened */
+        bool unrestricted;      /* the owner is root (or whoever this process is) */
+        uid_t uid;
+        gid_t *groups;          /* primary and supplementary groups */
+        int n_groups;
+};
+
 struct parser {
         struct section *sections;       /* [mcu …] sections in order of appearance */
         size_t n_sections;
         unsigned n_warnings;
-        struct open_file stack[MAX_INCLUDE_DEPTH];      /* files being read, for loop detection */
+        struct open_file stack[PRINTERCFG_MAX_DEPTH + 1];       /* files being read, for loop detection */
         size_t depth;
+        struct reader reader;
+        const atomic_bool *cancel;
+        /* Totals against the bounds. */
+        unsigned n_files;
+        size_t n_bytes;
+        size_t n_lines;
+        size_t n_section_headers;
 };
 
 /* What configparser remembers between lines of one chunk of text (klippy
@@ -100,10 +153,22 @@ static void parser_warn(struct parser *p, const char *fmt, ...) {
         p->n_warnings++;
 }
 
+_printf_(2, 3)
+static void parser_error(struct parser *p, const char *fmt, ...) {
+        char buf[1024];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        log_error("%s", buf);
+}
+
 static void section_done(struct section *s) {
         for (size_t i = 0; i < s->n_options; i++) {
                 free(s->options[i].key);
                 free(s->options[i].value);
+                free(s->options[i].file);
         }
         free(s->options);
         free(s->name);
@@ -113,6 +178,7 @@ static void parser_done(struct parser *p) {
         for (size_t i = 0; i < p->n_sections; i++)
                 section_done(&p->sections[i]);
         free(p->sections);
+        free(p->reader.groups);
 }
 
 static char *strndup_stripped(const char *s, size_t len) {
@@ -185,16 +251,28 @@ static ssize_t section_find_option(const struct section *s, const char *key) {
 }
 
 /* Set @key to @value in @s (taking ownership of both); returns the index. */
-static ssize_t section_set_option(struct section *s, char *key, char *value, bool regular) {
+static ssize_t section_set_option(struct section *s, char *key, char *value, bool regular,
+                                  const char *file, unsigned lineno) {
         struct option *grown;
+        char *where;
         ssize_t i;
+
+        where = strdup(file);
+        if (!where) {
+                free(key);
+                free(value);
+                return -ENOMEM;
+        }
 
         i = section_find_option(s, key);
         if (i >= 0) {
                 free(key);
                 free(s->options[i].value);
+                free(s->options[i].file);
                 s->options[i].value = value;
                 s->options[i].regular = regular;
+                s->options[i].file = where;
+                s->options[i].lineno = lineno;
                 return i;
         }
 
@@ -202,17 +280,32 @@ static ssize_t section_set_option(struct section *s, char *key, char *value, boo
         if (!grown) {
                 free(key);
                 free(value);
+                free(where);
                 return -ENOMEM;
         }
         s->options = grown;
-        s->options[s->n_options] = (struct option) { .key = key, .value = value, .regular = regular };
+        s->options[s->n_options] = (struct option) {
+                .key = key, .value = value, .regular = regular, .file = where, .lineno = lineno,
+        };
         return (ssize_t) s->n_options++;
 }
 
-static int option_append(struct option *o, const char *text, size_t len) {
+static bool key_is_kept(const char *key) {
+        for (size_t i = 0; i < ELEMENTSOF(kept_keys); i++)
+                if (streq(key, kept_keys[i]))
+                        return true;
+        return false;
+}
+
+static int option_append(struct parser *p, struct option *o, const char *file, unsigned lineno,
+                         const char *text, size_t len) {
         size_t old = strlen(o->value);
         char *grown;
 
+        if (old + 1 + len > PRINTERCFG_MAX_VALUE) {
+                parser_error(p, "%s:%u: Value longer than %u bytes.", file, lineno, PRINTERCFG_MAX_VALUE);
+                return -E2BIG;
+        }
         grown = realloc(o->value, old + 1 + len + 1);
         if (!grown)
                 return -ENOMEM;
@@ -269,7 +362,8 @@ static int parse_line(struct parser *p, struct chunk_state *st, const char *file
 
         if (st->in_section && st->in_option && indent > st->indent) {
                 if (st->section >= 0 && st->option >= 0)
-                        return option_append(&p->sections[st->section].options[st->option], value, len);
+                        return option_append(p, &p->sections[st->section].options[st->option], file, lineno,
+                                             value, len);
                 return 0;
         }
 
@@ -280,6 +374,11 @@ static int parse_line(struct parser *p, struct chunk_state *st, const char *file
         if (match_section_header(value, len, &header, &header_len)) {
                 char *name;
 
+                if (++p->n_section_headers > PRINTERCFG_MAX_SECTIONS) {
+                        parser_error(p, "%s:%u: More than %u section headers.", file, lineno,
+                                     PRINTERCFG_MAX_SECTIONS);
+                        return -E2BIG;
+                }
                 r = mcu_section_name(header, header_len, &name);
                 if (r < 0)
                         return r;
@@ -295,8 +394,7 @@ static int parse_line(struct parser *p, struct chunk_state *st, const char *file
         }
 
         if (!st->in_section) {
-                parser_warn(p, "%s:%u: Option outside of any section, ignoring: %.*s",
-                            file, lineno, (int) len, value);
+                parser_warn(p, "%s:%u: Option outside of any section, ignoring.", file, lineno);
                 return 0;
         }
 
@@ -307,7 +405,7 @@ static int parse_line(struct parser *p, struct chunk_state *st, const char *file
                         break;
                 }
         if (!delim || delim == value) {
-                parser_warn(p, "%s:%u: Malformed line, ignoring: %.*s", file, lineno, (int) len, value);
+                parser_warn(p, "%s:%u: Malformed line, ignoring.", file, lineno);
                 return 0;
         }
 
@@ -319,6 +417,8 @@ static int parse_line(struct parser *p, struct chunk_state *st, const char *file
         if (!key)
                 return -ENOMEM;
         ascii_strlower(key);
+        if (!key_is_kept(key))
+                return 0;
 
         if (st->autosave) {
                 ssize_t existing = section_find_option(&p->sections[st->section], key);
@@ -329,10 +429,15 @@ static int parse_line(struct parser *p, struct chunk_state *st, const char *file
                         return 0;
         }
 
+        if (len - (size_t) (delim + 1 - value) > PRINTERCFG_MAX_VALUE) {
+                parser_error(p, "%s:%u: Value longer than %u bytes.", file, lineno, PRINTERCFG_MAX_VALUE);
+                return -E2BIG;
+        }
         val = strndup_stripped(delim + 1, len - (size_t) (delim + 1 - value));
         if (!val)
                 return -ENOMEM;
-        st->option = section_set_option(&p->sections[st->section], TAKE_PTR(key), val, !st->autosave);
+        st->option = section_set_option(&p->sections[st->section], TAKE_PTR(key), val, !st->autosave,
+                                        file, lineno);
         if (st->option < 0)
                 return (int) st->option;
         return 0;
@@ -369,6 +474,12 @@ static int parse_include(struct parser *p, const char *file, unsigned lineno, co
                 return -ENOMEM;
 
         r = glob(pattern, GLOB_NOSORT | GLOB_NOESCAPE, NULL, &g);
+        if (r == 0 && g.gl_pathc > PRINTERCFG_MAX_FILES) {
+                parser_error(p, "%s:%u: [include] matches more than %u files.", file, lineno,
+                             PRINTERCFG_MAX_FILES);
+                globfree(&g);
+                return -E2BIG;
+        }
         if (r == GLOB_NOMATCH) {
                 if (!has_glob_magic(pattern))
                         parser_warn(p, "%s:%u: Include file '%s' does not exist, ignoring.",
@@ -387,18 +498,25 @@ static int parse_include(struct parser *p, const char *file, unsigned lineno, co
 
         qsort(g.gl_pathv, g.gl_pathc, sizeof(char *), strcmp_ptr);
         for (size_t i = 0; i < g.gl_pathc; i++) {
-                r = parse_file(p, g.gl_pathv[i], false);
-                if (r == -ENOMEM)
+                if (p->depth > PRINTERCFG_MAX_DEPTH) {
+                        parser_error(p, "%s:%u: Includes nested deeper than %u levels.", file, lineno,
+                                     PRINTERCFG_MAX_DEPTH);
+                        r = -E2BIG;
                         break;
+                }
+                r = parse_file(p, g.gl_pathv[i], false);
                 if (r == -ELOOP)
                         parser_warn(p, "%s:%u: Recursive include of config file '%s', ignoring.",
                                     file, lineno, g.gl_pathv[i]);
-                else if (r == -EMLINK)
-                        parser_warn(p, "%s:%u: Includes nested deeper than %d levels at '%s', ignoring.",
-                                    file, lineno, MAX_INCLUDE_DEPTH, g.gl_pathv[i]);
+                else if (r == -EACCES)
+                        parser_warn(p, "%s:%u: Included file '%s' is not readable for the owner of printer.cfg "
+                                    "(uid %u), ignoring.", file, lineno, g.gl_pathv[i], (unsigned) p->reader.uid);
+                else if (r == -ENOENT)
+                        parser_warn(p, "%s:%u: Included file '%s' went away, ignoring.",
+                                    file, lineno, g.gl_pathv[i]);
                 else if (r < 0)
-                        parser_warn(p, "%s:%u: Cannot read included file '%s': %s",
-                                    file, lineno, g.gl_pathv[i], strerror(-r));
+                        /* parse_file() said what; the whole printer.cfg is unusable. */
+                        break;
                 r = 0;
         }
         globfree(&g);
@@ -428,6 +546,8 @@ static int parse_lines(struct parser *p, const char *file, char **lines, const u
                         r = parse_include(p, file, linenos[i], spec);
                         if (r < 0)
                                 return r;
+                        if (p->cancel && atomic_load(p->cancel))
+                                return -ECANCELED;
                         /* klippy parses the text after an include as a new chunk. */
                         chunk_state_reset(st);
                         continue;
@@ -440,7 +560,9 @@ static int parse_lines(struct parser *p, const char *file, char **lines, const u
         return 0;
 }
 
-static int read_file(int fd, char **ret, size_t *ret_size) {
+/* Read all of @fd, refusing more than @limit bytes (a file may grow after
+ * fstat()). */
+static int read_file(int fd, size_t limit, char **ret, size_t *ret_size) {
         _cleanup_free_ char *buf = NULL;
         size_t size = 0, allocated = 0;
 
@@ -450,7 +572,7 @@ static int read_file(int fd, char **ret, size_t *ret_size) {
                 if (allocated - size < 4096) {
                         char *grown;
 
-                        if (allocated >= MAX_FILE_SIZE)
+                        if (allocated > limit)
                                 return -EFBIG;
                         allocated = allocated ? allocated * 2 : 8192;
                         grown = realloc(buf, allocated + 1);
@@ -573,40 +695,195 @@ static size_t find_autosave(struct parser *p, const char *file, char **lines, si
         return header;
 }
 
+static const char *file_type_name(mode_t mode) {
+        switch (mode & S_IFMT) {
+        case S_IFDIR: return "a directory";
+        case S_IFIFO: return "a FIFO";
+        case S_IFCHR: return "a character device";
+        case S_IFBLK: return "a block device";
+        case S_IFSOCK: return "a socket";
+        default: return "not a regular file";
+        }
+}
+
+static bool reader_in_group(const struct reader *u, gid_t gid) {
+        for (int i = 0; i < u->n_groups; i++)
+                if (u->groups[i] == gid)
+                        return true;
+        return false;
+}
+
+/* May the Klipper user do @mask (R_OK, X_OK) to @st by its mode bits?
+ * POSIX order: the owner class alone decides for the owner, then the
+ * group class for group members, else the other class. */
+static bool reader_may(const struct reader *u, const struct stat *st, unsigned mask) {
+        unsigned bits;
+
+        if (u->unrestricted)
+                return true;
+        if (st->st_uid == u->uid)
+                bits = (st->st_mode >> 6) & 7;
+        else if (reader_in_group(u, st->st_gid))
+                bits = (st->st_mode >> 3) & 7;
+        else
+                bits = st->st_mode & 7;
+        return (bits & mask) == mask;
+}
+
+/* Could the Klipper user reach the file open at @fd: search permission on
+ * every directory above its real path? */
+static int reader_may_reach(const struct reader *u, int fd) {
+        char proc[64], real[PATH_MAX];
+        ssize_t n;
+
+        if (u->unrestricted)
+                return 0;
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+        n = readlink(proc, real, sizeof(real) - 1);
+        if (n <= 0 || real[0] != '/')
+                return -EACCES;         /* cannot tell: refuse */
+        real[n] = '\0';
+
+        for (char *slash = strrchr(real, '/'); slash; slash = strrchr(real, '/')) {
+                struct stat st;
+
+                *slash = '\0';
+                if (stat(*real ? real : "/", &st) < 0)
+                        return -EACCES;
+                if (!reader_may(u, &st, X_OK))
+                        return -EACCES;
+                if (slash == real)
+                        break;
+        }
+        return 0;
+}
+
+/* The owner of the top file is the Klipper user: look up its groups. */
+static int reader_init(struct reader *u, uid_t owner) {
+        _cleanup_free_ char *buf = NULL;
+        struct passwd pw, *result = NULL;
+        long size = sysconf(_SC_GETPW_R_SIZE_MAX);
+        int n = 32;
+
+        *u = (struct reader) { .uid = owner };
+        if (owner == 0 || owner == geteuid()) {
+                u->unrestricted = true;
+                return 0;
+        }
+
+        buf = malloc(size > 0 ? (size_t) size : 16384);
+        if (!buf)
+                return -ENOMEM;
+        if (getpwuid_r(owner, &pw, buf, size > 0 ? (size_t) size : 16384, &result) != 0 || !result)
+                return 0;       /* no such user: only the owner and other bits count */
+
+        for (;;) {
+                gid_t *groups = reallocarray(u->groups, (size_t) n, sizeof(gid_t));
+                int want = n;
+
+                if (!groups)
+                        return -ENOMEM;
+                u->groups = groups;
+                if (getgrouplist(pw.pw_name, pw.pw_gid, u->groups, &want) >= 0) {
+                        u->n_groups = want;
+                        return 0;
+                }
+                if (want <= n || want > 65536) {
+                        /* The database answered nonsense: the primary group only. */
+                        u->groups[0] = pw.pw_gid;
+                        u->n_groups = 1;
+                        return 0;
+                }
+                n = want;
+        }
+}
+
+/* Open @path for reading if it is a regular file, without ever opening
+ * anything else (a FIFO would block, a device may react to open()). */
+static int open_regular(struct parser *p, const char *path, struct stat *ret_st) {
+        _cleanup_close_ int fd = -1;
+        struct stat before;
+
+        if (stat(path, &before) < 0)
+                return -errno;
+        if (!S_ISREG(before.st_mode)) {
+                parser_error(p, "%s: %s, not a configuration file.", path, file_type_name(before.st_mode));
+                return S_ISDIR(before.st_mode) ? -EISDIR : -EBADFD;
+        }
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+        if (fd < 0)
+                return -errno;
+        if (fstat(fd, ret_st) < 0)
+                return -errno;
+        if (!S_ISREG(ret_st->st_mode) || ret_st->st_dev != before.st_dev || ret_st->st_ino != before.st_ino) {
+                parser_error(p, "%s: changed while being opened.", path);
+                return -EBADFD;
+        }
+        return TAKE_FD(fd);
+}
+
 static int parse_file(struct parser *p, const char *path, bool top) {
         _cleanup_free_ unsigned *linenos = NULL;
         _cleanup_free_ char **lines = NULL;
         _cleanup_free_ char *buf = NULL;
         _cleanup_close_ int fd = -1;
         struct chunk_state st = {};
-        size_t size = 0, n = 0, n_regular, autosave_first, autosave_count;
+        size_t size = 0, n = 0, n_regular, autosave_first, autosave_count, limit;
         struct stat s;
         int r;
 
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (p->cancel && atomic_load(p->cancel))
+                return -ECANCELED;
+
+        fd = open_regular(p, path, &s);
         if (fd < 0)
-                return -errno;
-        if (fstat(fd, &s) < 0)
-                return -errno;
-        if (S_ISDIR(s.st_mode))
-                return -EISDIR;
+                return fd;
 
         /* Compare identities rather than names: no realpath(), and links
          * cannot hide a loop. */
         for (size_t i = 0; i < p->depth; i++)
                 if (p->stack[i].dev == s.st_dev && p->stack[i].ino == s.st_ino)
                         return -ELOOP;
-        if (p->depth >= MAX_INCLUDE_DEPTH)
-                return -EMLINK;
 
-        r = read_file(fd, &buf, &size);
+        if (top && !p->reader.set) {
+                r = reader_init(&p->reader, s.st_uid);
+                if (r < 0)
+                        return r;
+        } else if (!reader_may(&p->reader, &s, R_OK) || reader_may_reach(&p->reader, fd) < 0) {
+                if (top)
+                        parser_error(p, "%s: Not readable for uid %u, whose printer.cfg it is said to be.",
+                                     path, (unsigned) p->reader.uid);
+                return -EACCES;
+        }
+
+        if (++p->n_files > PRINTERCFG_MAX_FILES) {
+                parser_error(p, "%s: More than %u files read (includes count each time).", path,
+                             PRINTERCFG_MAX_FILES);
+                return -E2BIG;
+        }
+        limit = MIN((size_t) PRINTERCFG_MAX_FILE_SIZE, PRINTERCFG_MAX_TOTAL_SIZE - p->n_bytes);
+        if ((uintmax_t) s.st_size > limit) {
+                parser_error(p, "%s: Larger than %s.", path,
+                             limit < PRINTERCFG_MAX_FILE_SIZE ? "what is left of the total size bound"
+                                                              : "the size bound");
+                return -EFBIG;
+        }
+        r = read_file(fd, limit, &buf, &size);
+        if (r == -EFBIG)
+                parser_error(p, "%s: Grew beyond the size bound while being read.", path);
         if (r < 0)
                 return r;
         fd = safe_close(fd);
+        p->n_bytes += size;
 
         r = split_lines(buf, size, &lines, &n);
         if (r < 0)
                 return r;
+        p->n_lines += n;
+        if (p->n_lines > PRINTERCFG_MAX_LINES) {
+                parser_error(p, "%s: More than %u lines in all.", path, PRINTERCFG_MAX_LINES);
+                return -E2BIG;
+        }
         linenos = calloc(n ? n : 1, sizeof(unsigned));
         if (!linenos)
                 return -ENOMEM;
@@ -673,7 +950,9 @@ static int section_get(const struct section *s, const char *key, char **ret) {
 static int mcu_from_section(struct parser *p, const struct section *s, struct printercfg_mcu *m) {
         _cleanup_free_ char *baud = NULL;
 
-        m->name = strdup(s->name);
+        /* The name goes to D-Bus: valid UTF-8.  The other values are
+         * compared with device paths and ids and stay as written. */
+        m->name = utf8_sanitize(s->name);
         if (!m->name)
                 return -ENOMEM;
         if (section_get(s, "serial", &m->serial) < 0 ||
@@ -685,18 +964,30 @@ static int mcu_from_section(struct parser *p, const struct section *s, struct pr
         if (m->canbus_uuid)
                 ascii_strlower(m->canbus_uuid);
 
-        if (baud && parse_baud(baud, &m->baud) < 0)
-                parser_warn(p, "[%s]: Invalid baud '%s', ignoring.", s->name, baud);
+        if (baud && parse_baud(baud, &m->baud) < 0) {
+                ssize_t i = section_find_option(s, "baud");
+
+                parser_warn(p, "%s:%u: Invalid baud, ignoring.", s->options[i].file, s->options[i].lineno);
+        }
 
         return 0;
 }
 
-int printercfg_load(const char *path, struct printercfg **ret) {
+int printercfg_load_cancellable(const char *path, uid_t reader, const atomic_bool *cancel,
+                                struct printercfg **ret) {
         _cleanup_(printercfg_freep) struct printercfg *cfg = NULL;
-        struct parser p = {};
+        struct parser p = { .cancel = cancel };
         int r;
 
+        if (reader != PRINTERCFG_OWNER) {
+                r = reader_init(&p.reader, reader);
+                if (r < 0)
+                        goto finish;
+                p.reader.set = true;
+        }
         r = parse_file(&p, path, true);
+        if (r == -ELOOP)
+                r = -EIO;       /* cannot happen for the top file */
         if (r < 0)
                 goto finish;
 
@@ -722,6 +1013,10 @@ int printercfg_load(const char *path, struct printercfg **ret) {
 finish:
         parser_done(&p);
         return r;
+}
+
+int printercfg_load(const char *path, struct printercfg **ret) {
+        return printercfg_load_cancellable(path, PRINTERCFG_OWNER, NULL, ret);
 }
 
 struct printercfg *printercfg_free(struct printercfg *p) {

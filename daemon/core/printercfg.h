@@ -3,12 +3,29 @@
  * comments, and [include glob] (relative to the including file, sorted,
  * recursive, loops detected).  It extracts every [mcu] / [mcu NAME] section
  * with its serial, baud, canbus_uuid and canbus_interface.  Errors in one
- * file are warnings: what could be read is still returned. */
+ * file are warnings: what could be read is still returned.
+ *
+ * The files are untrusted (the daemon is root, they are the Klipper
+ * user's): only regular files the owner of the top file could read are
+ * used, within the bounds below, and no message quotes their content —
+ * printercfg.c's head comment has the rules.  Reading blocks on the
+ * filesystem: the daemon calls it from a worker thread. */
 #pragma once
 
+#include <stdatomic.h>
 #include <stddef.h>
+#include <sys/types.h>
 
 #include "shared/macro.h"
+
+/* Bounds; exceeding one makes the whole printer.cfg unusable. */
+#define PRINTERCFG_MAX_FILE_SIZE (4u * 1024 * 1024)     /* one file */
+#define PRINTERCFG_MAX_TOTAL_SIZE (16u * 1024 * 1024)   /* all files together */
+#define PRINTERCFG_MAX_FILES 100u       /* files read, an include read twice counting twice */
+#define PRINTERCFG_MAX_DEPTH 8u         /* includes within includes below printer.cfg */
+#define PRINTERCFG_MAX_LINES 100000u    /* lines of all files together */
+#define PRINTERCFG_MAX_SECTIONS 10000u  /* section headers of all files together */
+#define PRINTERCFG_MAX_VALUE 4096u      /* one kept value ([mcu] serial: …) */
 
 struct printercfg_mcu {
         char *name;             /* "mcu" or "mcu NAME" (section name as written, lower-cased "mcu" prefix) */
@@ -25,9 +42,18 @@ struct printercfg {
 };
 
 /* Returns 0 (possibly with warnings, counted in n_warnings), -ENOENT if
- * @path itself is missing, another -errno if it cannot be read (-EACCES,
- * -EISDIR, -EFBIG above 16 MiB), -ENOMEM.  Problems with @path itself are
- * left to the caller to log; everything else is logged as a warning. */
+ * @path itself is missing, another -errno if it cannot be opened (-EACCES),
+ * -EISDIR / -EBADFD if it or an included file is not a regular file, -EFBIG
+ * or -E2BIG when a bound is exceeded, -ECANCELED when *@cancel became true
+ * (checked between files and includes), -ENOMEM.  open()/stat() errors of
+ * @path itself are left to the caller to log; everything else is logged
+ * here, naming file and line but never their content. */
+#define PRINTERCFG_OWNER ((uid_t) -1)
+/* @reader: whose read rights count.  PRINTERCFG_OWNER: the owner of @path
+ * (PrinterConfig=, chosen by root); a uid (klippy's, for the path klippy
+ * reports): then @path itself must be readable for that uid, too. */
+int printercfg_load_cancellable(const char *path, uid_t reader, const atomic_bool *cancel,
+                                struct printercfg **ret);
 int printercfg_load(const char *path, struct printercfg **ret);
 
 struct printercfg *printercfg_free(struct printercfg *p);

@@ -7,6 +7,7 @@
 #include <systemd/sd-bus.h>
 
 #include "core/registry.h"
+#include "shared/strutil.h"
 
 int registry_new(struct registry **ret) {
         struct registry *r = calloc(1, sizeof(*r));
@@ -86,6 +87,11 @@ void registry_remove(struct registry *r, struct mcu *m) {
 }
 
 struct mcu *registry_find_by_id(struct registry *r, const char *id) {
+        /* mcu_new() stores the id as valid UTF-8; compare like with like. */
+        _cleanup_free_ char *clean = utf8_sanitize(id);
+
+        if (clean)
+                id = clean;
         for (size_t i = 0; i < r->n_mcus; i++)
                 if (streq(r->mcus[i]->id, id))
                         return r->mcus[i];

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "discover/klippy-model.h"
+#include "shared/strutil.h"
 
 DEFINE_TRIVIAL_CLEANUP_FUNC(json_object *, json_object_put);
 DEFINE_TRIVIAL_CLEANUP_FUNC(json_tokener *, json_tokener_free);
@@ -295,6 +296,15 @@ static int strdup_optional(const char *s, char **ret) {
         return *ret ? 0 : -ENOMEM;
 }
 
+static int strdup_optional_utf8(const char *s, char **ret) {
+        if (!s) {
+                *ret = NULL;
+                return 0;
+        }
+        *ret = utf8_sanitize(s);
+        return *ret ? 0 : -ENOMEM;
+}
+
 static int compare_mcu_info(const void *a, const void *b) {
         return strcmp(((const struct klippy_mcu_info *) a)->name, ((const struct klippy_mcu_info *) b)->name);
 }
@@ -339,10 +349,11 @@ static int snapshot_fill_mcus(struct snapshot *s, json_object *objects) {
                 /* Count first, so a half-filled entry is freed with the rest. */
                 info = &s->mcus[s->n_mcus++];
                 constants = klippy_json_get_typed(fields, "mcu_constants", json_type_object);
-                info->name = strdup(name);
-                info->version = strdup(strempty(klippy_json_get_string(fields, "mcu_version")));
-                info->build_versions = strdup(strempty(klippy_json_get_string(fields, "mcu_build_versions")));
-                info->mcu_type = strdup(strempty(klippy_json_get_string(constants, "MCU")));
+                /* Valid UTF-8 from here on: these reach D-Bus (strutil.h). */
+                info->name = utf8_sanitize(name);
+                info->version = utf8_sanitize(strempty(klippy_json_get_string(fields, "mcu_version")));
+                info->build_versions = utf8_sanitize(strempty(klippy_json_get_string(fields, "mcu_build_versions")));
+                info->mcu_type = utf8_sanitize(strempty(klippy_json_get_string(constants, "MCU")));
                 if (!info->name || !info->version || !info->build_versions || !info->mcu_type)
                         return -ENOMEM;
                 if (mcu_kconfig_dup(fields, &info->kconfig) < 0)
@@ -370,7 +381,7 @@ static int snapshot_build(const struct klippy_model *m, struct snapshot *s) {
 
         s->connected = true;
         if (strdup_optional(state, &s->klippy_state) < 0 ||
-            strdup_optional(message, &s->state_message) < 0 ||
+            strdup_optional_utf8(message, &s->state_message) < 0 ||
             strdup_optional(klippy_json_get_string(print_stats, "state"), &s->print_state) < 0 ||
             strdup_optional(m->software_version, &s->software_version) < 0 ||
             strdup_optional(m->config_file, &s->config_file) < 0)
@@ -455,8 +466,8 @@ int klippy_model_set_info(struct klippy_model *m, json_object *info_result) {
         if (!state)
                 return -EBADMSG;
         if (free_and_strdup(&m->info_state, state) < 0 ||
-            free_and_strdup(&m->info_state_message, klippy_json_get_string(info_result, "state_message")) < 0 ||
-            free_and_strdup(&m->software_version, klippy_json_get_string(info_result, "software_version")) < 0 ||
+            free_and_strdup_utf8(&m->info_state_message, klippy_json_get_string(info_result, "state_message")) < 0 ||
+            free_and_strdup_utf8(&m->software_version, klippy_json_get_string(info_result, "software_version")) < 0 ||
             free_and_strdup(&m->config_file, klippy_json_get_string(info_result, "config_file")) < 0)
                 return -ENOMEM;
         m->connected = true;

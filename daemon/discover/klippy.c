@@ -660,3 +660,19 @@ struct klippy_client *klippy_client_free(struct klippy_client *c) {
 const struct klippy_status *klippy_client_status(const struct klippy_client *c) {
         return klippy_model_status(c->model);
 }
+
+int klippy_client_peer_uid(const struct klippy_client *c, uid_t *ret) {
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
+        int fd;
+
+        if (!c->bev)
+                return -ENOTCONN;
+        fd = (int) bufferevent_getfd(c->bev);
+        if (fd < 0)
+                return -ENOTCONN;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+                return -errno;
+        *ret = cred.uid;
+        return 0;
+}

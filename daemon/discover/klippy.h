@@ -16,6 +16,7 @@
 #pragma once
 
 #include <event2/event.h>
+#include <sys/types.h>
 
 #include "discover/klippy-model.h"
 #include "shared/macro.h"
@@ -39,6 +40,10 @@ int klippy_client_new(struct event_base *base, const char *socket_path, const st
                       struct klippy_client **ret);
 struct klippy_client *klippy_client_free(struct klippy_client *c);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct klippy_client *, klippy_client_free);
+
+/* The uid of the process at the other end of the API socket (klippy's
+ * user), from SO_PEERCRED.  Returns 0, or -ENOTCONN / -errno. */
+int klippy_client_peer_uid(const struct klippy_client *c, uid_t *ret);
 
 /* The current status; valid until the next return to the event loop. */
 const struct klippy_status *klippy_client_status(const struct klippy_client *c);

@@ -1,7 +1,8 @@
 /* Implementation of pathwatch.h.  For every watched path we remember
- * whether it was present; any inotify event in a watched directory re-checks
- * the paths in that directory (a symlink can be replaced in several ways:
- * create, rename over, delete). */
+ * whether it was present; an inotify event naming it (a symlink can be
+ * replaced in several ways: create, rename over, delete), or one about its
+ * directory itself, checks it again.  Events about other files in the
+ * directory (/tmp is busy) are ignored. */
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -16,6 +17,7 @@
 struct watched_path {
         char *path;
         char *dir;
+        const char *name;       /* the last component, inside path */
         int wd;
         bool present;
 };
@@ -34,10 +36,11 @@ static bool path_is_char_device(const char *path) {
         return stat(path, &st) >= 0 && S_ISCHR(st.st_mode);
 }
 
-static void path_watch_check(struct path_watch *w, struct watched_path *p) {
+/* Report @p if it changed; with @again also when it is present as before. */
+static void path_watch_check(struct path_watch *w, struct watched_path *p, bool again) {
         bool now = path_is_char_device(p->path);
 
-        if (now == p->present)
+        if (now == p->present && !(now && again))
                 return;
         p->present = now;
         if (now)
@@ -46,19 +49,30 @@ static void path_watch_check(struct path_watch *w, struct watched_path *p) {
                 w->cb.vanished(w->cb.userdata, p->path);
 }
 
+/* Check every path that @ev is about. */
+static void path_watch_event(struct path_watch *w, const struct inotify_event *ev) {
+        for (size_t i = 0; i < w->n_paths; i++) {
+                struct watched_path *p = &w->paths[i];
+
+                if (ev->mask & IN_Q_OVERFLOW)
+                        path_watch_check(w, p, true);   /* events were lost */
+                else if (p->wd == ev->wd && (ev->len == 0 || streq(ev->name, p->name)))
+                        path_watch_check(w, p, true);
+        }
+}
+
 static void on_inotify(evutil_socket_t fd, short what, void *userdata) {
         struct path_watch *w = userdata;
         char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
-        bool any = false;
         ssize_t n;
 
-        /* Drain; which directory fired matters less than re-checking. */
         while ((n = read(fd, buf, sizeof(buf))) > 0)
-                any = true;
-        if (!any)
-                return;
-        for (size_t i = 0; i < w->n_paths; i++)
-                path_watch_check(w, &w->paths[i]);
+                for (char *p = buf; p < buf + n;) {
+                        const struct inotify_event *ev = (const struct inotify_event *) p;
+
+                        path_watch_event(w, ev);
+                        p += sizeof(*ev) + ev->len;
+                }
 }
 
 int path_watch_new(struct event_base *base, const struct path_watch_callbacks *cb,
@@ -126,6 +140,7 @@ int path_watch_set(struct path_watch *w, char **paths) {
                         free(p->dir);
                         return -ENOMEM;
                 }
+                p->name = strrchr(p->path, '/') ? strrchr(p->path, '/') + 1 : p->path;
                 /* inotify_add_watch on the same directory twice returns the
                  * same descriptor; removing it once removes it for both, which
                  * path_watch_clear() tolerates. */
@@ -137,6 +152,6 @@ int path_watch_set(struct path_watch *w, char **paths) {
                 w->n_paths++;
         }
         for (size_t i = 0; i < w->n_paths; i++)
-                path_watch_check(w, &w->paths[i]);
+                path_watch_check(w, &w->paths[i], true);
         return 0;
 }

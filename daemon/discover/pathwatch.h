@@ -1,8 +1,12 @@
 /* Watches paths that are not udev devices, the way the Linux process MCU
  * appears: klipper_mcu creates /tmp/klipper_host_mcu (a symlink to its pty)
- * when it starts and removes it when it exits.  One inotify instance on the
- * libevent loop watches the parent directory of each path; the callbacks say
- * when a path starts or stops resolving to a character device.  No polling. */
+ * when it starts, replacing a stale one, and never removes it.  One inotify
+ * instance on the libevent loop watches the parent directory of each path;
+ * an event naming a watched path reports it again: appeared while it
+ * resolves to a character device (also when it was there before: it may
+ * lead somewhere else now), vanished when it stopped doing so.  What is
+ * behind the path, and whether the program that made it still runs, is the
+ * caller's business (a dangling link raises no event).  No polling. */
 #pragma once
 
 #include <event2/event.h>
@@ -24,6 +28,6 @@ struct path_watch *path_watch_free(struct path_watch *w);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct path_watch *, path_watch_free);
 
 /* Watch exactly the paths in the NULL-terminated @paths (absolute) from now
- * on.  Paths that exist already are reported as appeared; paths no longer
- * watched are forgotten silently. */
+ * on.  Paths that exist already are reported as appeared (again, for paths
+ * watched before); paths no longer watched are forgotten silently. */
 int path_watch_set(struct path_watch *w, char **paths);

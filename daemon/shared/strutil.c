@@ -2,6 +2,7 @@
  * their own message. */
 #include <ctype.h>
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -82,4 +83,107 @@ int strv_copy(char * const *l, char ***ret) {
                 }
         *ret = TAKE_PTR(copy);
         return 0;
+}
+
+/* The UTF-8 sequence at @s: returns its length (1…4) if it is valid, else
+ * 0 with the length of its "maximal subpart" (the lead byte and the
+ * continuation bytes that were still acceptable, at least 1) in *@bad.
+ * Follows RFC 3629's table: the second byte's range depends on the first,
+ * which rules out overlong forms, surrogates and code points > U+10FFFF. */
+static size_t utf8_sequence(const unsigned char *s, size_t *bad) {
+        unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+        size_t n;
+
+        *bad = 1;
+        if (c < 0x80)
+                return 1;
+        if (c >= 0xC2 && c <= 0xDF)
+                n = 2;
+        else if (c >= 0xE0 && c <= 0xEF) {
+                n = 3;
+                if (c == 0xE0)
+                        lo = 0xA0;      /* overlong below U+0800 */
+                else if (c == 0xED)
+                        hi = 0x9F;      /* U+D800…U+DFFF */
+        } else if (c >= 0xF0 && c <= 0xF4) {
+                n = 4;
+                if (c == 0xF0)
+                        lo = 0x90;      /* overlong below U+10000 */
+                else if (c == 0xF4)
+                        hi = 0x8F;      /* above U+10FFFF */
+        } else
+                return 0;               /* 0x80…0xC1 (continuation, overlong lead), 0xF5… */
+
+        for (size_t i = 1; i < n; i++) {
+                /* A NUL ends the string: a truncated sequence stops there. */
+                if (s[i] < lo || s[i] > hi) {
+                        *bad = i;
+                        return 0;
+                }
+                lo = 0x80;
+                hi = 0xBF;
+        }
+        return n;
+}
+
+bool utf8_is_valid(const char *s) {
+        const unsigned char *p = (const unsigned char *) s;
+
+        while (*p) {
+                size_t bad, n = utf8_sequence(p, &bad);
+                if (n == 0)
+                        return false;
+                p += n;
+        }
+        return true;
+}
+
+static bool is_dropped_control(unsigned char c) {
+        return (c < 0x20 && c != '\t' && c != '\n') || c == 0x7F;
+}
+
+char *utf8_sanitize(const char *s) {
+        const unsigned char *p;
+        char *out, *o;
+
+        if (!s)
+                return NULL;
+        /* Each input byte becomes at most three output bytes (U+FFFD). */
+        out = malloc(strlen(s) * 3 + 1);
+        if (!out)
+                return NULL;
+        o = out;
+        for (p = (const unsigned char *) s; *p;) {
+                size_t bad, n = utf8_sequence(p, &bad);
+
+                if (n == 0) {
+                        /* One U+FFFD per maximal subpart of an ill-formed
+                         * sequence (Unicode §3.9's recommended practice). */
+                        *o++ = (char) 0xEF;
+                        *o++ = (char) 0xBF;
+                        *o++ = (char) 0xBD;
+                        p += bad;
+                        continue;
+                }
+                if (n == 1 && is_dropped_control(*p)) {
+                        p++;
+                        continue;
+                }
+                memcpy(o, p, n);
+                o += n;
+                p += n;
+        }
+        *o = '\0';
+        return out;
+}
+
+int free_and_strdup_utf8(char **p, const char *s) {
+        _cleanup_free_ char *clean = NULL;
+
+        if (s) {
+                clean = utf8_sanitize(s);
+                if (!clean)
+                        return -ENOMEM;
+        }
+        return free_and_strdup(p, clean);
 }

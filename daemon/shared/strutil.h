@@ -3,7 +3,12 @@
  * malloc'd strings, NULL standing for the empty list).  They only work on
  * memory the caller owns and keep no state.  The one-line helpers that
  * mcuflashctl shares too (streq, startswith, free_and_strdup, …) stay in
- * macro.h; this file is part of the daemon library only. */
+ * macro.h; this file is part of the daemon library only.
+ *
+ * utf8_sanitize() is the gate for every string from outside (printer.cfg,
+ * klippy, MCU dictionaries, udev) before it becomes daemon state that D-Bus
+ * or JSON carries: both refuse invalid UTF-8, and one bad string would make
+ * every GetAll/GetManagedObjects fail. */
 #pragma once
 
 #include <stdbool.h>
@@ -31,3 +36,18 @@ int strv_extend(char ***l, const char *s);
 
 /* A deep copy of @l into *@ret (NULL for NULL).  Returns 0 or -ENOMEM. */
 int strv_copy(char * const *l, char ***ret);
+
+/* Is @s (NUL-terminated) valid UTF-8: no overlong forms, no surrogates, no
+ * code point above U+10FFFF, no truncated sequence? */
+bool utf8_is_valid(const char *s);
+
+/* A copy of @s that is valid UTF-8 and free of control characters: each
+ * ill-formed sequence becomes one U+FFFD per "maximal subpart" (Unicode
+ * §3.9: a lead byte with the continuation bytes still acceptable after it); C0 controls other than tab and newline,
+ * and DEL, are dropped.  NULL for NULL.  Returns NULL only for NULL input or
+ * when out of memory (errno ENOMEM). */
+char *utf8_sanitize(const char *s);
+
+/* free_and_strdup() of utf8_sanitize(@s): 1 if *@p changed, 0 if not,
+ * -ENOMEM. */
+int free_and_strdup_utf8(char **p, const char *s);

@@ -6,7 +6,8 @@
  * open on its slave side by the process that created it — klipper_mcu keeps
  * both ends so that it never sees a hangup.  That process also holds the
  * matching master (a /dev/ptmx fd whose fdinfo names the same "tty-index"),
- * and it is the MCU itself, not a competing user: it does not count. */
+ * and it is the MCU itself, not a competing user: it does not count
+ * (transport/ptyowner.c reads that). */
 #include <dirent.h>
 #include <limits.h>
 #include <errno.h>
@@ -15,51 +16,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "shared/macro.h"
 #include "transport/holders.h"
+#include "transport/ptyowner.h"
 
 static void closedirp(DIR **d) {
         if (*d)
                 closedir(*d);
 }
 
-#define PTY_SLAVE_MAJOR_FIRST 136    /* UNIX98_PTY_SLAVE_MAJOR */
-#define PTY_SLAVE_MAJORS 8
-#define PTMX_MAJOR 5
-#define PTMX_MINOR 2
-
-/* The pts index of a pty slave device, or -1 for any other device. */
-static int pty_index(dev_t rdev) {
-        unsigned maj = major(rdev);
-
-        if (maj < PTY_SLAVE_MAJOR_FIRST || maj >= PTY_SLAVE_MAJOR_FIRST + PTY_SLAVE_MAJORS)
-                return -1;
-        return (int) ((maj - PTY_SLAVE_MAJOR_FIRST) * 256 + minor(rdev));
-}
-
-/* The "tty-index" of a pty master fd from /proc/PID/fdinfo/FD, or -1. */
-static int master_tty_index(pid_t pid, const char *fd) {
-        _cleanup_fclose_ FILE *f = NULL;
-        char path[PATH_MAX], line[128];
-        int index = -1;
-
-        snprintf(path, sizeof(path), "/proc/%d/fdinfo/%s", (int) pid, fd);
-        f = fopen(path, "re");
-        if (!f)
-                return -1;
-        while (fgets(line, sizeof(line), f))
-                if (sscanf(line, "tty-index: %d", &index) == 1)
-                        return index;
-        return -1;
-}
-
 /* Does @pid hold @rdev, other than as the owner of that pty (see above)? */
 static bool process_holds(pid_t pid, dev_t rdev) {
         _cleanup_(closedirp) DIR *fds = NULL;
-        int pts = pty_index(rdev);
+        int pts = pty_slave_index(rdev);
         bool holds = false, owns_master = false;
         char path[64];
         struct dirent *e;
@@ -77,8 +48,7 @@ static bool process_holds(pid_t pid, dev_t rdev) {
                         continue;
                 if (st.st_rdev == rdev)
                         holds = true;
-                else if (pts >= 0 && major(st.st_rdev) == PTMX_MAJOR && minor(st.st_rdev) == PTMX_MINOR &&
-                         master_tty_index(pid, e->d_name) == pts)
+                else if (pts >= 0 && pty_is_ptmx(st.st_rdev) && pty_master_index(pid, e->d_name) == pts)
                         owns_master = true;
         }
         return holds && !owns_master;

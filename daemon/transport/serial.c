@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -27,6 +28,7 @@
 #include "shared/log.h"
 #include "transport/fdwait.h"
 #include "transport/holders.h"
+#include "transport/ptyowner.h"
 #include "transport/serial.h"
 #include "shared/time-util.h"
 
@@ -241,12 +243,38 @@ static int serial_configure(int fd, const char *path, unsigned baud) {
         return 0;
 }
 
+/* Is the terminal @fd (or, with @fd < 0, the one @path leads to) the pty
+ * slave /dev/pts/@index whose master @owner holds?  0 or -ESTALE. */
+static int check_pty_owner(const char *path, int fd, pid_t owner, int index) {
+        struct stat st;
+
+        if ((fd >= 0 ? fstat(fd, &st) : stat(path, &st)) < 0 || !S_ISCHR(st.st_mode) ||
+            pty_slave_index(st.st_rdev) != index)
+                return log_debug_errno(ESTALE, "%s: no longer leads to /dev/pts/%d", path, index);
+        if (pty_process_holds_master(owner, index) <= 0)
+                return log_debug_errno(ESTALE, "%s: process %d no longer holds the master of /dev/pts/%d",
+                                       path, (int) owner, index);
+        return 0;
+}
+
 int serial_transport_open(const char *path, unsigned baud, struct transport **ret) {
+        return serial_transport_open_pty(path, baud, 0, -1, ret);
+}
+
+int serial_transport_open_pty(const char *path, unsigned baud, pid_t owner, int index, struct transport **ret) {
         _cleanup_close_ int fd = -1;
         struct serial_transport *s;
         char comm[32] = "";
         pid_t holder = 0;
         int exclusive = 0, r;
+
+        if (owner < 0)
+                return log_debug_errno(ESTALE, "%s: no program is known to own this pty", path);
+        if (owner > 0) {
+                r = check_pty_owner(path, -1, owner, index);
+                if (r < 0)
+                        return r;
+        }
 
         /* Root ignores TIOCEXCL and flock() is advisory: look for any other
          * holder first, so that a port Klipper (or anyone) uses is never
@@ -263,6 +291,13 @@ int serial_transport_open(const char *path, unsigned baud, struct transport **re
                 if (errno == EBUSY)
                         return log_debug_errno(EBUSY, "%s: port is held exclusively by another process", path);
                 return log_debug_errno(errno ?: EIO, "%s: failed to open: %m", path);
+        }
+        /* The link may have changed between the look and the open: what was
+         * opened is checked before anything is done with it. */
+        if (owner > 0) {
+                r = check_pty_owner(path, fd, owner, index);
+                if (r < 0)
+                        return r;
         }
 
         if (flock(fd, LOCK_EX | LOCK_NB) < 0) {

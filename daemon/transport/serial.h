@@ -3,6 +3,8 @@
  * requests that go over a tty. */
 #pragma once
 
+#include <sys/types.h>
+
 #include "transport/transport.h"
 
 /* Open @path raw at @baud (0 = leave the speed alone, e.g. for USB CDC and
@@ -11,6 +13,15 @@
  * fails with -EBUSY.  While we hold it we take both locks ourselves.
  * Returns 0 and a transport in *ret, or -errno. */
 int serial_transport_open(const char *path, unsigned baud, struct transport **ret);
+
+/* The same for the Linux process MCU's pty: @path must lead to the pty
+ * slave /dev/pts/@index whose master process @owner holds (the program it
+ * was verified to be), when looked at before the open and, by the opened
+ * fd, right after it, before anything is done with the terminal.  Else
+ * -ESTALE, and the terminal was not touched (at most opened and closed).
+ * @owner -1: none is known, -ESTALE at once; 0: no such check, as
+ * serial_transport_open(). */
+int serial_transport_open_pty(const char *path, unsigned baud, pid_t owner, int index, struct transport **ret);
 
 /* The USB CDC "1200 baud touch" (protocols.md §4.1): open @path, raise DTR,
  * set 1200 baud, drop DTR, close; a Klipper MCU then reboots into its

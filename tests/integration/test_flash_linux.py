@@ -100,7 +100,7 @@ def failed_flash(ctl, image):
 def start(klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, h, extra=""):
     klipper_checkout(HOST)
     printer_cfg("[mcu rpi]\nserial: %s\n" % h.link)
-    daemon(extra_config=h.config + extra)
+    h.daemon = daemon(extra_config=h.config + extra)
     return wait_version(dbus_client, wait_for, OLD)
 
 
@@ -126,6 +126,12 @@ def test_linux_flash_installs_restarts_and_answers(klipper_checkout, printer_cfg
     assert h.service.started() == [OLD, HOST]
     p = wait_version(dbus_client, wait_for, HOST)
     assert p["VersionMatchesHost"] == "yes"
+    # The old klipper_mcu's exit was seen (its link stayed), the new one
+    # taken by the process that holds its pty.
+    old_pid, new_pid = h.service.pids
+    log = h.daemon.log()
+    assert "klipper_mcu (pid %d) behind %s exited" % (old_pid, h.link) in log
+    assert "of klipper_mcu (pid %d)" % new_pid in log
 
     # Already current: nothing happens unless forced.
     out = ctl("flash", "rpi", str(image))

@@ -1,8 +1,11 @@
 /* Unit tests for daemon/core/printercfg.c: [mcu] sections, includes (glob,
  * nested, loops, missing files), klippy's comment and continuation rules,
  * the SAVE_CONFIG block, recovery from malformed lines, and
- * printercfg_find_serial().  Every test writes its printer.cfg tree into a
- * fresh mkdtemp() directory. */
+ * printercfg_find_serial(); and what keeps an untrusted printer.cfg harmless:
+ * only regular files (FIFOs and devices never opened), only files the owner
+ * of printer.cfg could read (as root only), the size/count/depth bounds, no
+ * file content in messages, cancellation, and UTF-8 names.  Every test writes
+ * its printer.cfg tree into a fresh mkdtemp() directory. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -14,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "core/printercfg.h"
 #include "shared/macro.h"
@@ -171,23 +176,15 @@ static void test_include_missing(void **state) {
         struct fixture *f = *state;
         _cleanup_(printercfg_freep) struct printercfg *p = NULL;
 
-        _cleanup_free_ char *dir = NULL;
-
-        assert_true(asprintf(&dir, "%s/unreadable", f->dir) > 0);
-        assert_int_equal(mkdir(dir, 0755), 0);
-        free(dir);
-        assert_true(asprintf(&dir, "%s/unreadable/dir.cfg", f->dir) > 0);
-        assert_int_equal(mkdir(dir, 0755), 0);
         p = load(f,
                  "[include nothere.cfg]\n"
                  "[include nothing-*.cfg]\n"
-                 "[include unreadable/*.cfg]\n"
                  "[mcu]\n"
                  "serial: /dev/ttyACM0\n");
 
-        /* The missing plain file and the directory that matched are
-         * warnings; a wildcard without a match is not. */
-        assert_int_equal(p->n_warnings, 2);
+        /* The missing plain file is a warning; a wildcard without a match
+         * is not. */
+        assert_int_equal(p->n_warnings, 1);
         assert_int_equal(p->n_mcus, 1);
         assert_string_equal(p->mcus[0].serial, "/dev/ttyACM0");
 }
@@ -388,6 +385,326 @@ static void test_find_serial(void **state) {
         assert_null(printercfg_find_serial(NULL, "/dev/ttyAMA0", NULL, NULL));
 }
 
+static double now_sec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double) ts.tv_sec + (double) ts.tv_nsec / 1e9;
+}
+
+/* printercfg_load() of @name in the fixture; the error it gives. */
+static int load_error(struct fixture *f, const char *name) {
+        _cleanup_free_ char *path = NULL;
+        struct printercfg *p = NULL;
+        int r;
+
+        assert_true(asprintf(&path, "%s/%s", f->dir, name) > 0);
+        r = printercfg_load(path, &p);
+        if (r < 0)
+                assert_null(p);
+        printercfg_free(p);
+        return r;
+}
+
+static void test_not_regular(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *fifo = NULL, *dir = NULL, *link = NULL;
+        _cleanup_(printercfg_freep) struct printercfg *p = NULL;
+        double start;
+
+        assert_true(asprintf(&fifo, "%s/fifo.cfg", f->dir) > 0);
+        assert_int_equal(mkfifo(fifo, 0644), 0);
+        assert_true(asprintf(&dir, "%s/dir.cfg", f->dir) > 0);
+        assert_int_equal(mkdir(dir, 0755), 0);
+
+        /* A FIFO nobody writes to would block open() and read() forever. */
+        start = now_sec();
+        free(write_file(f, "a.cfg", "[mcu]\nserial: /dev/ttyACM0\n[include fifo.cfg]\n"));
+        assert_int_equal(load_error(f, "a.cfg"), -EBADFD);
+        assert_int_equal(load_error(f, "fifo.cfg"), -EBADFD);
+        assert_true(now_sec() - start < 5);
+
+        /* A device: never opened at all. */
+        free(write_file(f, "b.cfg", "[include /dev/null]\n"));
+        assert_int_equal(load_error(f, "b.cfg"), -EBADFD);
+        free(write_file(f, "c.cfg", "[include di*.cfg]\n"));  /* a directory matched by a glob */
+        assert_int_equal(load_error(f, "c.cfg"), -EISDIR);
+        assert_int_equal(load_error(f, "dir.cfg"), -EISDIR);
+
+        /* Symlinks to regular files are normal in Klipper installs. */
+        /* (Includes are relative to printer.cfg as klippy was given it, the link.) */
+        free(write_file(f, "real/printer.cfg", "[mcu]\nserial: /dev/ttyACM0\n[include real/linked.cfg]\n"));
+        free(write_file(f, "real/target.cfg", "[mcu two]\nserial: /dev/ttyACM1\n"));
+        free(link);
+        assert_true(asprintf(&link, "%s/real/linked.cfg", f->dir) > 0);
+        assert_int_equal(symlink("target.cfg", link), 0);
+        free(link);
+        assert_true(asprintf(&link, "%s/printer.cfg", f->dir) > 0);
+        assert_int_equal(symlink("real/printer.cfg", link), 0);
+        assert_int_equal(printercfg_load(link, &p), 0);
+        assert_int_equal(p->n_mcus, 2);
+        assert_int_equal(p->n_warnings, 0);
+}
+
+static void test_bound_file_size(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *big = write_file(f, "big.cfg", "[mcu]\nserial: /dev/ttyACM0\n");
+
+        assert_int_equal(truncate(big, PRINTERCFG_MAX_FILE_SIZE + 1), 0);
+        assert_int_equal(load_error(f, "big.cfg"), -EFBIG);
+        free(write_file(f, "top.cfg", "[include big.cfg]\n"));
+        assert_int_equal(load_error(f, "top.cfg"), -EFBIG);
+        /* Exactly the bound is fine (NUL bytes: empty lines to the parser). */
+        assert_int_equal(truncate(big, PRINTERCFG_MAX_FILE_SIZE), 0);
+        assert_int_equal(load_error(f, "big.cfg"), 0);
+}
+
+static void test_bound_total_size(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *top = NULL;
+        FILE *file;
+
+        /* Five includes of a 3.5 MiB file: each one fine, together too much. */
+        free(write_file(f, "part.cfg", ""));
+        top = write_file(f, "top.cfg", "");
+        file = fopen(top, "we");
+        assert_non_null(file);
+        for (int i = 0; i < 5; i++)
+                fputs("[include part.cfg]\n", file);
+        fclose(file);
+        free(top);
+        assert_true(asprintf(&top, "%s/part.cfg", f->dir) > 0);
+        assert_int_equal(truncate(top, PRINTERCFG_MAX_FILE_SIZE - 512 * 1024), 0);
+        assert_int_equal(load_error(f, "top.cfg"), -EFBIG);
+}
+
+static void test_bound_lines_and_options(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *path = write_file(f, "many.cfg", "");
+        _cleanup_(printercfg_freep) struct printercfg *p = NULL;
+        FILE *file;
+        double start;
+
+        /* 100k options in an [mcu] section: refused, and quickly (this
+         * took klippy-like parsing 21 s when every option was kept). */
+        file = fopen(path, "we");
+        assert_non_null(file);
+        fputs("[mcu]\nserial: /dev/ttyACM0\n", file);
+        for (unsigned i = 0; i < PRINTERCFG_MAX_LINES; i++)
+                fprintf(file, "option_%u: %u\n", i, i);
+        fclose(file);
+        start = now_sec();
+        assert_int_equal(load_error(f, "many.cfg"), -E2BIG);
+        assert_true(now_sec() - start < 5);
+
+        /* Just under the bound: read, and still quickly. */
+        file = fopen(path, "we");
+        assert_non_null(file);
+        fputs("[mcu]\nserial: /dev/ttyACM0\n", file);
+        for (unsigned i = 0; i < PRINTERCFG_MAX_LINES - 10; i++)
+                fprintf(file, "option_%u: %u\n", i, i);
+        fclose(file);
+        start = now_sec();
+        assert_int_equal(printercfg_load(path, &p), 0);
+        assert_true(now_sec() - start < 5);
+        assert_int_equal(p->n_mcus, 1);
+        assert_string_equal(p->mcus[0].serial, "/dev/ttyACM0");
+}
+
+static void test_bound_sections(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *path = write_file(f, "sections.cfg", "");
+        FILE *file = fopen(path, "we");
+
+        assert_non_null(file);
+        for (unsigned i = 0; i <= PRINTERCFG_MAX_SECTIONS; i++)
+                fprintf(file, "[mcu n%u]\n", i);
+        fclose(file);
+        assert_int_equal(load_error(f, "sections.cfg"), -E2BIG);
+}
+
+static void test_bound_value(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *text = NULL, *cont = NULL;
+        char *long_value = calloc(1, PRINTERCFG_MAX_VALUE + 2);
+
+        assert_non_null(long_value);
+        memset(long_value, 'x', PRINTERCFG_MAX_VALUE + 1);
+        assert_true(asprintf(&text, "[mcu]\nserial: %s\n", long_value) > 0);
+        free(write_file(f, "one.cfg", text));
+        assert_int_equal(load_error(f, "one.cfg"), -E2BIG);
+
+        /* The same through continuation lines, which used to grow without end. */
+        long_value[PRINTERCFG_MAX_VALUE / 2] = '\0';
+        assert_true(asprintf(&cont, "[mcu]\nserial: /dev/x\n  %s\n  %s\n  %s\n", long_value, long_value,
+                             long_value) > 0);
+        free(write_file(f, "two.cfg", cont));
+        assert_int_equal(load_error(f, "two.cfg"), -E2BIG);
+        free(long_value);
+}
+
+static void test_bound_depth(void **state) {
+        struct fixture *f = *state;
+        char name[32], text[64];
+
+        /* printer.cfg → d1.cfg → … → d8.cfg is fine, d9.cfg is one too deep. */
+        for (unsigned i = 1; i <= PRINTERCFG_MAX_DEPTH + 1; i++) {
+                snprintf(name, sizeof(name), "d%u.cfg", i);
+                snprintf(text, sizeof(text), "[mcu d%u]\nserial: /dev/d%u\n[include d%u.cfg]\n", i, i, i + 1);
+                free(write_file(f, name, text));
+        }
+        free(write_file(f, "printer.cfg", "[include d1.cfg]\n"));
+        assert_int_equal(load_error(f, "printer.cfg"), -E2BIG);
+
+        snprintf(name, sizeof(name), "d%u.cfg", PRINTERCFG_MAX_DEPTH);
+        free(write_file(f, name, "[mcu last]\nserial: /dev/last\n"));
+        assert_int_equal(load_error(f, "printer.cfg"), 0);
+}
+
+static void test_bound_files_exponential(void **state) {
+        struct fixture *f = *state;
+        char name[32], text[64];
+        double start = now_sec();
+
+        /* Each file includes the next one twice, 30 levels: 2^30 reads
+         * without a bound on the number of files. */
+        for (unsigned i = 0; i < 30; i++) {
+                snprintf(name, sizeof(name), "x%u.cfg", i);
+                snprintf(text, sizeof(text), "[include x%u.cfg]\n[include x%u.cfg]\n", i + 1, i + 1);
+                free(write_file(f, name, text));
+        }
+        free(write_file(f, "x30.cfg", "[mcu]\nserial: /dev/ttyACM0\n"));
+        assert_int_equal(load_error(f, "x0.cfg"), -E2BIG);
+        assert_true(now_sec() - start < 5);
+}
+
+static void test_bound_glob(void **state) {
+        struct fixture *f = *state;
+        char name[32];
+
+        for (unsigned i = 0; i <= PRINTERCFG_MAX_FILES; i++) {
+                snprintf(name, sizeof(name), "many/%03u.cfg", i);
+                free(write_file(f, name, "\n"));
+        }
+        free(write_file(f, "printer.cfg", "[include many/*.cfg]\n"));
+        assert_int_equal(load_error(f, "printer.cfg"), -E2BIG);
+}
+
+static void test_no_content_in_messages(void **state) {
+        struct fixture *f = *state;
+        _cleanup_(printercfg_freep) struct printercfg *p = NULL;
+        _cleanup_free_ char *log = NULL;
+
+        capture_begin(f);
+        p = load(f,
+                 "root:$6$SECRET1$hash:19000:0:99999:7:::\n"
+                 "[mcu]\n"
+                 "SECRET2 without separator\n"
+                 "baud: SECRET3\n");
+        log = capture_end(f);
+        assert_int_equal(p->n_warnings, 3);
+        assert_null(strstr(log, "SECRET"));
+        assert_non_null(strstr(log, "printer.cfg:1:"));
+        assert_non_null(strstr(log, "printer.cfg:3:"));
+        assert_non_null(strstr(log, "printer.cfg:4:"));
+}
+
+/* As root: printer.cfg belongs to uid 65534, who cannot read a root-only
+ * include or a file in a root-only directory; those are skipped unread. */
+static void test_only_what_the_owner_may_read(void **state) {
+        struct fixture *f = *state;
+        _cleanup_(printercfg_freep) struct printercfg *p = NULL;
+        _cleanup_free_ char *top = NULL, *secret = NULL, *hidden = NULL, *dir = NULL, *ok = NULL,
+                            *log = NULL;
+
+        if (geteuid() != 0)
+                skip();
+        assert_int_equal(chmod(f->dir, 0755), 0);
+        secret = write_file(f, "secret.cfg", "[mcu secret]\nserial: /dev/SECRET\n");
+        assert_int_equal(chmod(secret, 0600), 0);
+        hidden = write_file(f, "private/hidden.cfg", "[mcu hidden]\nserial: /dev/HIDDEN\n");
+        assert_int_equal(chmod(hidden, 0644), 0);
+        assert_true(asprintf(&dir, "%s/private", f->dir) > 0);
+        assert_int_equal(chmod(dir, 0700), 0);
+        ok = write_file(f, "ok.cfg", "[mcu ok]\nserial: /dev/ok\n");
+        assert_int_equal(chmod(ok, 0644), 0);
+        top = write_file(f, "printer.cfg",
+                         "[mcu]\nserial: /dev/ttyACM0\n"
+                         "[include secret.cfg]\n"
+                         "[include private/hidden.cfg]\n"
+                         "[include ok.cfg]\n");
+        assert_int_equal(chown(top, 65534, 65534), 0);
+
+        capture_begin(f);
+        assert_int_equal(printercfg_load(top, &p), 0);
+        log = capture_end(f);
+        assert_int_equal(p->n_mcus, 2);
+        assert_string_equal(p->mcus[0].name, "mcu");
+        assert_string_equal(p->mcus[1].name, "mcu ok");
+        assert_int_equal(p->n_warnings, 2);
+        assert_null(strstr(log, "SECRET"));
+        assert_null(strstr(log, "HIDDEN"));
+        assert_non_null(strstr(log, "uid 65534"));
+
+        /* Owned by root, printer.cfg may include whatever root reads. */
+        printercfg_free(p);
+        p = NULL;
+        assert_int_equal(chown(top, 0, 0), 0);
+        assert_int_equal(printercfg_load(top, &p), 0);
+        assert_int_equal(p->n_mcus, 4);
+}
+
+/* As root: the printer.cfg klippy reports is read with klippy's uid, and
+ * must be readable for it itself. */
+static void test_reader_uid_given(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *top = NULL, *secret = NULL;
+        struct printercfg *p = NULL;
+
+        if (geteuid() != 0)
+                skip();
+        assert_int_equal(chmod(f->dir, 0755), 0);
+        secret = write_file(f, "secret.cfg", "[mcu secret]\nserial: /dev/SECRET\n");
+        assert_int_equal(chmod(secret, 0600), 0);
+        top = write_file(f, "printer.cfg", "[mcu]\nserial: /dev/ttyACM0\n[include secret.cfg]\n");
+        assert_int_equal(chmod(top, 0644), 0);
+
+        /* Root's printer.cfg, but klippy runs as 65534: its rights count. */
+        assert_int_equal(printercfg_load_cancellable(top, 65534, NULL, &p), 0);
+        assert_int_equal(p->n_mcus, 1);
+        assert_int_equal(p->n_warnings, 1);
+        p = printercfg_free(p);
+
+        /* A top file that klippy's user cannot read is not used at all. */
+        assert_int_equal(printercfg_load_cancellable(secret, 65534, NULL, &p), -EACCES);
+        assert_null(p);
+        assert_int_equal(printercfg_load_cancellable(secret, 0, NULL, &p), 0);
+        assert_int_equal(p->n_mcus, 1);
+        printercfg_free(p);
+}
+
+static void test_cancel(void **state) {
+        struct fixture *f = *state;
+        _cleanup_free_ char *path = write_file(f, "printer.cfg", "[mcu]\nserial: /dev/ttyACM0\n");
+        atomic_bool cancel = true;
+        struct printercfg *p = NULL;
+
+        assert_int_equal(printercfg_load_cancellable(path, PRINTERCFG_OWNER, &cancel, &p), -ECANCELED);
+        assert_null(p);
+        atomic_store(&cancel, false);
+        assert_int_equal(printercfg_load_cancellable(path, PRINTERCFG_OWNER, &cancel, &p), 0);
+        printercfg_free(p);
+}
+
+static void test_utf8_names(void **state) {
+        _cleanup_(printercfg_freep) struct printercfg *p = NULL;
+
+        p = load(*state, "[mcu \xff\xfe]\nserial: /dev/ttyACM0\n[mcu Düse]\nserial: /dev/ttyACM1\n");
+        assert_int_equal(p->n_mcus, 2);
+        assert_string_equal(p->mcus[0].name, "mcu \xEF\xBF\xBD\xEF\xBF\xBD");
+        assert_string_equal(p->mcus[1].name, "mcu Düse");
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 unit_test_in_tmpdir(test_mcu_sections),
@@ -404,6 +721,20 @@ int main(void) {
                 unit_test_in_tmpdir(test_malformed_lines),
                 unit_test_in_tmpdir(test_section_merge),
                 unit_test_in_tmpdir(test_find_serial),
+                unit_test_in_tmpdir(test_not_regular),
+                unit_test_in_tmpdir(test_bound_file_size),
+                unit_test_in_tmpdir(test_bound_total_size),
+                unit_test_in_tmpdir(test_bound_lines_and_options),
+                unit_test_in_tmpdir(test_bound_sections),
+                unit_test_in_tmpdir(test_bound_value),
+                unit_test_in_tmpdir(test_bound_depth),
+                unit_test_in_tmpdir(test_bound_files_exponential),
+                unit_test_in_tmpdir(test_bound_glob),
+                unit_test_in_tmpdir(test_no_content_in_messages),
+                unit_test_in_tmpdir(test_only_what_the_owner_may_read),
+                unit_test_in_tmpdir(test_reader_uid_given),
+                unit_test_in_tmpdir(test_cancel),
+                unit_test_in_tmpdir(test_utf8_names),
         };
 
         return cmocka_run_group_tests_name("printercfg", tests, NULL, NULL);
