@@ -198,3 +198,23 @@ def test_flash_start_unknown_is_not_zero(testbed, klipper_checkout, printer_cfg,
     assert out.returncode == 0 and json.loads(out.stdout)["flash_start"] == "", out.stdout + out.stderr
     out = ctl("info", "mcu zero", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["flash_start"] == "0x00000000", out.stdout + out.stderr
+
+
+def test_embedded_build_config_names_the_start(rig, dbus_client, wait_for):
+    """Newer builds carry their build config (protocols.md §15.5): its
+    CONFIG_STM32_FLASH_START_… choice is what the image is checked by, and
+    a refusal says so."""
+    import mkimage
+
+    r = rig("katapult-usb")                         # stm32f446xx, Katapult at 0x08008000
+    wait_app(dbus_client, wait_for, r.selector)
+    before = r.flash_state()
+    path = r.tmp_path / "kconfig.bin"
+    path.write_bytes(mkimage.build(r.mcu, HOST, 0x08008000, size=r.size, kconfig="CONFIG_MACH_STM32=y\n"
+                                   "CONFIG_MACH_STM32F446=y\nCONFIG_STM32_FLASH_START_4000=y\n"))
+    name, message = flash_outcome(dbus_client, wait_for, r, str(path))
+    assert name == "io.mcuflash1.Error.ImageMismatch", (name, message)
+    assert "image is linked for 0x08004000" in message and "as its build config shows" in message, message
+    assert "0x08008000" in message, message
+    assert wait_app(dbus_client, wait_for, r.selector, OLD)["FirmwareVersion"] == OLD
+    assert r.flash_state() == before
