@@ -503,6 +503,7 @@ int client_get_mcu_info(sd_bus *bus, const char *path, McuInfo *ret) {
         _cleanup_(mcu_info_donep) McuInfo info = {};
         int r;
 
+        info.flash_start = UINT64_MAX;  /* "unknown" unless the daemon says */
         info.object_path = strdup(path);
         if (!info.object_path)
                 return client_error_errno(ENOMEM, "Out of memory");
@@ -605,7 +606,7 @@ int mcu_info_to_json(const McuInfo *info, json_object **ret) {
                 snprintf(vid, sizeof(vid), "%04" PRIx64, info->usb_vendor_id);
         if (info->usb_product_id > 0 && info->usb_product_id <= 0xffff)
                 snprintf(pid, sizeof(pid), "%04" PRIx64, info->usb_product_id);
-        if (info->flash_start > 0)
+        if (info->flash_start != UINT64_MAX)
                 snprintf(flash_start, sizeof(flash_start), "0x%08" PRIx64, info->flash_start);
 
         const JsonString entries[] = {

@@ -314,7 +314,7 @@ void daemon_apply_printercfg(struct daemon *d, struct mcu *m) {
 
         /* mcuflashd.conf's [Mcu ID] FlashStart=, for bootloaders that cannot
          * tell where the application goes (Katapult's CONNECT overrides). */
-        if (m->flash_start == 0 && config_mcu_flash_start(d->config, m->id, &flash_start) >= 0)
+        if (m->flash_start == MCU_FLASH_START_UNKNOWN && config_mcu_flash_start(d->config, m->id, &flash_start) >= 0)
                 mcu_set_flash_start(m, flash_start);
 
         (void) mcu_set_string(m, MCU_PROP_NAME, entry ? entry->name : "");

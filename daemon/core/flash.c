@@ -153,6 +153,7 @@ static void flash_worker_done(void *userdata, int result) {
                 registry_commit(j->daemon->registry, m);
         log_info("job %u: %zu bytes written to %s at 0x%08llx and verified.", j->number, f->size, j->mcu_id,
                  (unsigned long long) f->start);
+        f->rb.after = "the write";
         reboot_step(j, false, flash_back_in_application);
 }
 
@@ -163,6 +164,8 @@ static void flash_refused_back(struct job *j) {
         job_finish(j, JOB_STATE_FAILED, f->refusal_error, "%s; nothing was written, and the MCU runs its "
                    "application again.", f->refusal ?: "the image does not fit this MCU");
 }
+
+_Static_assert(MCU_FLASH_START_UNKNOWN == IMAGE_START_UNKNOWN, "one spelling of an unknown start");
 
 /* What an image is checked against: what the MCU says about itself, and
  * the chip's flash size where mcuflashd.conf states it. */
@@ -242,7 +245,7 @@ static void flash_in_bootloader(struct job *j) {
                 .data = f->data,
                 .size = f->size,
                 .start = start,
-                .app_start = m->flash_start ?: start,
+                .app_start = m->flash_start != MCU_FLASH_START_UNKNOWN ? m->flash_start : start,
                 .mcu_type = m->mcu_type,
         };
         /* The reboot step copied the link when it started; the bootloader
@@ -336,7 +339,7 @@ int flash_check(struct daemon *d, struct mcu *m, struct image *img, bool stop_kl
         r = image_check(img, &target, &start, &kind, &message);
         /* Where the application goes may only be known once the bootloader
          * answers (Katapult tells): then that check waits until then. */
-        if (r < 0 && !(kind == IMAGE_CHECK_UNKNOWN_TARGET && m->flash_start == 0 &&
+        if (r < 0 && !(kind == IMAGE_CHECK_UNKNOWN_TARGET && m->flash_start == MCU_FLASH_START_UNKNOWN &&
                        (streq(m->bootloader, "katapult") || streq(m->bootloader, "unknown")))) {
                 *ret_error = kind == IMAGE_CHECK_INVALID ? MCUFLASH_ERROR_INVALID_IMAGE :
                              kind == IMAGE_CHECK_UNKNOWN_TARGET ? MCUFLASH_ERROR_UNSUPPORTED :

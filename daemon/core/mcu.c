@@ -97,6 +97,7 @@ int mcu_new(const char *id, struct mcu **ret) {
         m->object_path = strdup("");
         m->syspath = strdup("");
         m->devlinks = strdup("");
+        m->flash_start = MCU_FLASH_START_UNKNOWN;
         if (!m->id || !m->object_path || !m->syspath || !m->devlinks)
                 return -ENOMEM;
         for (enum mcu_prop p = 0; p < _MCU_PROP_MAX; p++) {

@@ -60,6 +60,10 @@ enum mcu_prop {
         _MCU_PROP_MAX,
 };
 
+/* FlashStart when nobody stated it (D-Bus shows it as is); 0 is a real
+ * start (AVR, SAMD and LPC176x without a bootloader). */
+#define MCU_FLASH_START_UNKNOWN UINT64_MAX
+
 struct mcu {
         /* Exported as D-Bus properties.  Strings are never NULL once the MCU
          * is in the registry (mcu_new() sets them to ""). */
@@ -82,7 +86,7 @@ struct mcu {
         char *build_versions;
         char *build_config;             /* embedded savedefconfig text, "" if unknown */
         char *mcu_type;
-        uint64_t flash_start;
+        uint64_t flash_start;           /* MCU_FLASH_START_UNKNOWN until stated; 0 is a real start */
         const char *version_matches_host;
         char *job;
 

@@ -98,7 +98,8 @@ static int reboot_to_application(struct reboot *rb) {
         }
         if (streq(rb->bootloader, "stm32-dfu"))
                 return dfu_leave_to_application(rb->busnum, rb->devnum,
-                                                (uint32_t) (rb->flash_start ?: DFU_STM32_FLASH_BASE));
+                                                (uint32_t) (rb->flash_start != MCU_FLASH_START_UNKNOWN ?
+                                                            rb->flash_start : DFU_STM32_FLASH_BASE));
         if (streq(rb->bootloader, "picoboot"))
                 return picoboot_reboot_to_application(rb->busnum, rb->devnum);
         return -EOPNOTSUPP;
@@ -167,11 +168,34 @@ static void reboot_succeed(struct job *j, struct mcu *m) {
         job_finish(j, JOB_STATE_SUCCEEDED, 0, "%s", "");
 }
 
+/* Sent back to the application, the MCU is (again) in its bootloader: the
+ * application did not start — after a flash, the written image does not
+ * run where it was written. */
+static void reboot_stayed_in_bootloader(struct job *j, struct mcu *m) {
+        struct reboot *rb = j->data;
+
+        reboot_stop_rescans(rb);
+        job_disarm_timeout(j);
+        if (rb->after)
+                job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL,
+                           "The MCU stayed in its bootloader (%s) after %s: the application did not start "
+                           "(is the image built for this MCU and its flash start?). Flash an image built for "
+                           "it, or 'mcuflashctl reboot' tries to start it again.", m->bootloader, rb->after);
+        else
+                job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL,
+                           "The MCU stayed in its bootloader (%s): its application did not start. Flash a "
+                           "Klipper image built for it, or 'mcuflashctl reboot' tries again.", m->bootloader);
+}
+
 static void on_reboot_timeout(struct job *j) {
         struct reboot *rb = j->data;
         struct mcu *m = job_mcu(j);
         char where[256];
 
+        if (!rb->to_bootloader && m && m->state_id == MCU_STATE_BOOTLOADER) {
+                reboot_stayed_in_bootloader(j, m);
+                return;
+        }
         reboot_stop_rescans(rb);
         describe_mcu(m, where, sizeof(where));
         if (rb->to_bootloader)
@@ -287,6 +311,7 @@ void reboot_step(struct job *j, bool to_bootloader, void (*reached)(struct job *
 
         rb->to_bootloader = to_bootloader;
         rb->reached = reached;
+        rb->left_bootloader = false;
         reboot_run(j);
 }
 
@@ -333,10 +358,14 @@ void reboot_run(struct job *j) {
 void reboot_mcu_changed(struct job *j, struct mcu *m) {
         struct reboot *rb = j->data;
 
+        if (!rb->to_bootloader && (m->state_id == MCU_STATE_OFFLINE || m->state_id == MCU_STATE_APPLICATION))
+                rb->left_bootloader = true;
         if (rb->worker_running || !j->timer)
                 return;
         if (reboot_reached(j, m))
                 reboot_succeed(j, m);
+        else if (!rb->to_bootloader && rb->left_bootloader && m->state_id == MCU_STATE_BOOTLOADER)
+                reboot_stayed_in_bootloader(j, m);
 }
 
 int reboot_cancel(struct job *j) {

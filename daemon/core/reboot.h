@@ -45,6 +45,12 @@ struct reboot {
         /* Part of a bigger job (a flash): called instead of finishing the
          * job when the MCU got where it was sent. */
         void (*reached)(struct job *j);
+        /* Back to the application: the MCU was seen away from its
+         * bootloader (so finding it there again means it stayed). */
+        bool left_bootloader;
+        /* What came before leaving the bootloader, for messages ("the
+         * write"); NULL for a plain reboot. */
+        const char *after;
 };
 
 void reboot_data_done(struct reboot *rb);

@@ -108,7 +108,7 @@ void daemon_usb_added(void *userdata, const struct udev_usb_info *info) {
                 (void) mcu_set_string(m, MCU_PROP_MCU_TYPE, id->mcu_type);
         /* Only where nothing better is known: an MCU that was seen in
          * Katapult keeps Katapult's application start. */
-        if (id->flash_start && m->flash_start == 0)
+        if (id->flash_start && m->flash_start == MCU_FLASH_START_UNKNOWN)
                 mcu_set_flash_start(m, id->flash_start);
         mcu_update_version_match(m, d->host_version);
 

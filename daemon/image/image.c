@@ -292,6 +292,33 @@ static int parse_host_elf(struct image *img, const struct elf_info *e, const uin
         return parse_bin(img, p, len);
 }
 
+/* Where the loadable contents of a firmware PT_LOAD segment begin: ld puts
+ * the ELF and program headers into the first segment when they fit in
+ * front of the first section in its page (an application linked at
+ * 0x08000800, say), but they are no firmware — objcopy -O binary, which
+ * makes klipper.bin, takes the allocated sections only.  So the first
+ * allocated section with contents inside [@offset, @offset + @filesz)
+ * decides; without section headers the whole segment counts. */
+static uint64_t elf32_segment_contents(const uint8_t *p, size_t len, uint64_t offset, uint64_t filesz) {
+        Elf32_Ehdr eh;
+        uint64_t first = UINT64_MAX;
+
+        memcpy(&eh, p, sizeof(eh));
+        if (eh.e_shoff == 0 || eh.e_shentsize < sizeof(Elf32_Shdr) || eh.e_shoff > len ||
+            (uint64_t) eh.e_shnum * eh.e_shentsize > len - eh.e_shoff)
+                return offset;
+        for (unsigned i = 0; i < eh.e_shnum; i++) {
+                Elf32_Shdr sh;
+
+                memcpy(&sh, p + eh.e_shoff + (size_t) i * eh.e_shentsize, sizeof(sh));
+                if (!(sh.sh_flags & SHF_ALLOC) || sh.sh_type == SHT_NOBITS || sh.sh_size == 0)
+                        continue;
+                if (sh.sh_offset >= offset && sh.sh_offset < offset + filesz)
+                        first = MIN(first, (uint64_t) sh.sh_offset);
+        }
+        return first == UINT64_MAX ? offset : first;
+}
+
 static int parse_elf(struct image *img, const uint8_t *p, size_t len, char **ret_message) {
         _cleanup_(chunk_list_done) struct chunk_list l = {};
         struct elf_info e = {};
@@ -344,6 +371,7 @@ static int parse_elf(struct image *img, const uint8_t *p, size_t len, char **ret
 
         for (unsigned i = 0; i < e.phnum; i++) {
                 Elf32_Phdr ph;
+                uint64_t skip;
 
                 memcpy(&ph, p + e.phoff + (size_t) i * e.phentsize, sizeof(ph));
                 if (ph.p_type != PT_LOAD || ph.p_filesz == 0)
@@ -353,7 +381,9 @@ static int parse_elf(struct image *img, const uint8_t *p, size_t len, char **ret
                                            "truncated ELF file: segment %u (0x%08" PRIx32 ", %" PRIu32
                                            " bytes) lies beyond its end", i, ph.p_paddr, ph.p_filesz);
                 /* The load address (LMA), like objcopy -O binary. */
-                r = chunk_add(img, &l, ph.p_paddr, p + ph.p_offset, ph.p_filesz, ret_message);
+                skip = elf32_segment_contents(p, len, ph.p_offset, ph.p_filesz) - ph.p_offset;
+                r = chunk_add(img, &l, ph.p_paddr + skip, p + ph.p_offset + skip, ph.p_filesz - skip,
+                              ret_message);
                 if (r < 0)
                         return r;
         }

@@ -7,7 +7,8 @@ MCUFLASHD_PACKAGES="meson ninja-build pkg-config gcc libc6-dev
   libgit2-dev libbz2-dev
   umockdev libumockdev-dev gir1.2-umockdev-1.0 dbus-daemon libglib2.0-bin
   python3-gi python3-dbus python3-dbusmock python3-serial python3-pytest
-  libcmocka-dev scdoc libxml2-utils systemd git can-utils dfu-util"
+  libcmocka-dev scdoc libxml2-utils systemd git can-utils dfu-util
+  gcc-arm-none-eabi binutils-arm-none-eabi"
 
 # Install the packages that are missing.  Needs root and Debian's apt.
 ensure_packages() {

@@ -8,6 +8,8 @@ A Rig has
   .start (where its application goes), .fmt and .link (of its images),
   .image / .data       a good image at the host version (path, bytes)
   .build(...)          another image: (path, bytes)
+  .build_real(...)     one compiled from tests/tools/fwimage (needs
+                       arm-none-eabi-gcc: real_builds() says whether)
   .sim()               what takes a fault, while in the bootloader
   .flashed(n)          the first n bytes at the application start
   .flash_state()       everything the simulated flash holds (to compare)
@@ -21,6 +23,9 @@ import dbus
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import mkimage  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "fwimage"))
+import fwimage  # noqa: E402
 
 from test_flash import HOST, OLD, OCTOPUS, EBB_UUID, katapult_bytes  # noqa: E402
 
@@ -40,11 +45,28 @@ class Rig:
         path.write_bytes(data)
         return str(path), data
 
+    def build_real(self, name=None, version=HOST, start=None, fmt=None):
+        """An image compiled from real startup code (tests/tools/fwimage),
+        linked at @start (default: the rig's)."""
+        fmt = fmt or self.fmt
+        data = fwimage.build_bytes(self.mcu, self.start if start is None else start, fmt, version=version,
+                                   link=self.link)
+        path = self.tmp_path / (name or "real." + fmt)
+        path.write_bytes(data)
+        return str(path), data
+
     def payload(self, data):
         """What of an image's bytes lands in flash."""
         if self.fmt == "uf2":
             return b"".join(data[i + 32:i + 32 + 256] for i in range(0, len(data), 512))
         return data
+
+
+def real_builds():
+    """None when images can be compiled, else why not."""
+    if fwimage.compiler() and fwimage.objcopy():
+        return None
+    return "arm-none-eabi-gcc is not installed (Debian: gcc-arm-none-eabi binutils-arm-none-eabi)"
 
 
 def _board_rig(rig, printer_cfg, daemon, board, serial, extra_config=""):

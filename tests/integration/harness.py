@@ -55,7 +55,6 @@ SIM_DIR = os.path.join(TESTS_DIR, "sim")
 if SIM_DIR not in sys.path:
     sys.path.insert(0, SIM_DIR)
 
-import katapult_core  # noqa: E402
 import katapult_serial  # noqa: E402
 import klipper_mcu  # noqa: E402
 
@@ -1066,7 +1065,7 @@ class Testbed:
         if mode is None:
             with sim.lock:
                 board.rom_flash = bytes(sim.flash)
-            mode, dictionary = _application_after(board.rom_flash, board.app_dictionary)
+                mode, dictionary = sim.boot_target(board.app_dictionary)
         self._stop_sims(board)
         if board.in_place:
             self._start_application(board, mode, dictionary)
@@ -1077,7 +1076,9 @@ class Testbed:
                     lambda: self._start_application(board, mode, dictionary))
 
     def _start_application(self, board, mode, dictionary):
-        if mode == "katapult":
+        # "bootloader": a ROM bootloader whose flash holds nothing it can
+        # start comes back as itself.
+        if mode in ("katapult", "bootloader"):
             if board.in_place:
                 self._start_katapult(board, board.device)
             else:
@@ -1110,20 +1111,6 @@ def _usb_boot_module():
     except ImportError as e:
         raise HarnessError("tests/sim/usb_boot.py is needed for the ROM bootloaders: %s" % e)
     return usb_boot
-
-
-def _application_after(flash, app_dictionary):
-    """(mode, dictionary) a ROM bootloader starts with @flash: the Klipper
-    dictionary in it, "foreign" if it holds an image without one, else
-    (all erased: nothing was ever written) the previous application."""
-    if flash.strip(b"\xff"):
-        dictionary = katapult_core.find_klipper_dictionary(flash)
-        if dictionary is None:
-            return "foreign", None
-        return "klipper", dictionary
-    if app_dictionary is None:
-        return "foreign", None
-    return "klipper", app_dictionary
 
 
 # ---------------------------------------------------------------------------

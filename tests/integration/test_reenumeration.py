@@ -163,11 +163,12 @@ def katapult_session(path, *commands):
     return info, answers
 
 
-def firmware_image(version, mcu, link="usb"):
-    """A flat .bin like a Klipper build: vector table, code, and the
+def firmware_image(version, mcu, link="usb", start=0x08008000):
+    """A flat .bin like a Klipper build linked at @start: vector table
+    (the simulated bootloaders start it only there), code, and the
     compressed data dictionary somewhere inside, padded to 64 bytes."""
     _, compressed = klipper_dict.build(version, mcu, link=link)
-    image = struct.pack("<II", 0x20020000, 0x08008101) + b"\x5a" * 1016 + compressed
+    image = struct.pack("<II", 0x20020000, start + 0x101) + b"\x5a" * 1016 + compressed
     return image + b"\xff" * (-len(image) % 64)
 
 
@@ -249,8 +250,54 @@ def test_katapult_boot_targets():
     core = kc.KatapultCore("rp2040", app_start=0x10004000)
     assert core.boot_target(None) == ("katapult", None)
     assert core.boot_target('{"version": "x"}') == ("klipper", '{"version": "x"}')
+    # A vector table that starts at 0x10004000, no dictionary: a foreign application.
+    core.feed(kc.frame(kc.SEND_BLOCK, struct.pack("<III", 0x10004000, 0x20042000, 0x10004021) + b"\0" * 56))
+    assert core.boot_target('{"version": "x"}') == ("foreign", None) and core.boot_failure is None
+    # Linked elsewhere (reset handler outside what was written): Katapult stays.
+    core.feed(kc.frame(kc.SEND_BLOCK, struct.pack("<III", 0x10004000, 0x20042000, 0x10000141) + b"\0" * 56))
+    assert core.boot_target('{"version": "x"}') == ("katapult", None)
+    assert "reset handler 0x10000140 lies outside" in core.boot_failure
+    # No stack pointer in RAM: nothing runs either.
     core.feed(kc.frame(kc.SEND_BLOCK, struct.pack("<I", 0x10004000) + b"\0" * 64))
-    assert core.boot_target('{"version": "x"}') == ("foreign", None)
+    assert core.boot_target('{"version": "x"}') == ("katapult", None)
+    assert "not in RAM" in core.boot_failure
+
+
+def test_rom_bootloaders_start_only_an_image_that_fits_where_it_was_written():
+    """ST's ROM DFU starts the image at its leave address, the RP2040 boot
+    ROM boot2 and then the vector table at 0x10000100: an image linked
+    elsewhere does not start, and the ROM bootloader stays."""
+    import usb_boot
+
+    old = '{"version": "v0.12.0-1-gold"}'
+    good = firmware_image(NEW_VERSION, "stm32f429xx", start=0x08008000)
+    dfu = usb_boot.Stm32DfuSim(bootloader_size=0)
+    assert dfu.boot_target(old) == ("klipper", old) and dfu.boot_failure is None   # nothing written
+    dfu.flash[0x8000:0x8000 + len(good)] = good
+    dfu.left = 0x08008000
+    mode, dictionary = dfu.boot_target(old)
+    assert mode == "klipper" and klipper_dict_version(dictionary) == NEW_VERSION
+    # Linked for 0x08008000, started at 0x08000000 (nothing there) or
+    # written at 0x08000000 and started there: stays in DFU.
+    dfu.left = 0x08000000
+    assert dfu.boot_target(old) == ("bootloader", None) and "not in RAM" in dfu.boot_failure
+    dfu.flash[:] = b"\xff" * len(dfu.flash)
+    dfu.flash[0:len(good)] = good
+    assert dfu.boot_target(old) == ("bootloader", None) and "lies outside" in dfu.boot_failure
+
+    pico = usb_boot.Rp2040BootSim()
+    app = firmware_image(NEW_VERSION, "rp2040", start=0x10000100)
+    pico.flash[0:256] = b"\x4b" * 256                   # boot2
+    pico.flash[256:256 + len(app)] = app
+    mode, dictionary = pico.boot_target(None)
+    assert mode == "klipper" and klipper_dict_version(dictionary) == NEW_VERSION
+    # A Katapult build (linked at 0x10004000) written at 0x10000000.
+    pico.flash[256:256 + len(app)] = firmware_image(NEW_VERSION, "rp2040", start=0x10004000)
+    assert pico.boot_target(None) == ("bootloader", None) and "lies outside" in pico.boot_failure
+    # Written at 0x10004000 without boot2: the boot ROM stays in BOOTSEL.
+    pico.flash[:] = b"\xff" * len(pico.flash)
+    pico.flash[0x4000:0x4000 + len(app)] = firmware_image(NEW_VERSION, "rp2040", start=0x10004000)
+    assert pico.boot_target(None) == ("bootloader", None) and "boot2" in pico.boot_failure
 
 
 def test_klipper_sim_sees_the_1200_baud_touch_on_a_pty():
@@ -377,7 +424,7 @@ def test_katapult_flash_over_usb_boots_the_new_version(testbed, monitor):
     # full (net.unix.max_dgram_qlen, 10 by default).
     assert len(monitor.events(8)) == 8
     board.wait_mode("katapult")
-    image = firmware_image(NEW_VERSION, "rp2040")
+    image = firmware_image(NEW_VERSION, "rp2040", start=0x10004000)
     info, answers = katapult_session(board.devnode, *flash_commands(image, 0x10004000),
                                      (kc.COMPLETE, b""))
     assert info["app_start"] == 0x10004000 and info["mcu"] == "rp2040"
@@ -405,7 +452,8 @@ def test_foreign_image_leaves_nothing_on_the_port(testbed, monitor):
     klipper_mcu.touch_1200(board.devnode)
     board.wait_mode("katapult")
     monitor.events(8)
-    katapult_session(board.devnode, *flash_commands(b"\x12" * 256, 0x08002000),
+    foreign = struct.pack("<II", 0x20010000, 0x08002041) + b"\x12" * 248
+    katapult_session(board.devnode, *flash_commands(foreign, 0x08002000),
                      (kc.COMPLETE, b""))
     board.wait_mode("foreign", present=False)
     assert summary(monitor.events(8, timeout=1))[-1] == ("remove", "usb", "usb_device", "1-1.4")
@@ -479,7 +527,7 @@ def test_uart_magic_switches_the_same_tty_to_katapult_and_back(testbed, monitor,
         assert klipper.bootloader_request_how == "serial-magic"
         info = katapult_serial.host_connect(fd)
         assert info["mcu"] == "stm32f103xe" and info["app_start"] == 0x08002000
-        image = firmware_image(NEW_VERSION, "stm32f103xe", link="serial")
+        image = firmware_image(NEW_VERSION, "stm32f103xe", link="serial", start=0x08002000)
         for cmd, payload in flash_commands(image, 0x08002000) + [(kc.COMPLETE, b"")]:
             assert katapult_serial.host_command(fd, cmd, payload)[0] == kc.ACK
     finally:

@@ -16,7 +16,9 @@ decides when the "reset" happens (Katapult jumps to the application about
 0.1 s later, COMPLETE_DELAY) and asks boot_target() what then runs: the
 flashed image if it carries a Klipper data dictionary (§15.2), a foreign
 application if it does not, the previous application if nothing was
-flashed, or Katapult again when there is no application at all.
+flashed, or Katapult again when there is no application at all — or when
+the flashed image would not start at the application address (its vector
+table does not fit there, cortexm_boot.py; boot_failure says why).
 
 It does no I/O, no timing and no threading: can_node.py (CAN) and
 katapult_serial.py (USB CDC and UART ptys) do that.  Host-side helpers
@@ -25,6 +27,7 @@ katapult_serial.py (USB CDC and UART ptys) do that.  Host-side helpers
 
 import struct
 
+import cortexm_boot
 import klipper_dict
 import klipper_proto
 
@@ -135,12 +138,16 @@ class KatapultCore:
     random        random.Random for the "garbage" behaviour (set .garbage
                   True: every valid frame is answered with junk instead)
     log           callable(text) for debug lines
+    jump_to       where the MCU really starts the application (default
+                  app_start): a Katapult that reports one start and jumps
+                  to another, so that an image the host accepted can still
+                  fail to start
     """
 
     def __init__(self, mcu, app_start=0x08002000, block_size=64, page_size=2048,
                  katapult_version=DEFAULT_KATAPULT_VERSION, proto_version=PROTO_VERSION,
                  canbus_uuid=None, flash=None, commands=None, stats=None, on_complete=None,
-                 random=None, log=None):
+                 random=None, log=None, jump_to=None):
         self.mcu = mcu
         self.app_start = app_start
         self.block_size = block_size
@@ -156,6 +163,8 @@ class KatapultCore:
         self.log = log
         self.garbage = False
         self.completes = 0
+        self.boot_failure = None        # why the flashed image did not start, or None
+        self.jump_to = jump_to
         self.reset()
 
     def reset(self):
@@ -275,13 +284,14 @@ class KatapultCore:
 
     # -- state for the transport -------------------------------------------
 
-    def image(self):
-        """The flashed bytes from app_start to the end of the highest block."""
+    def image(self, start=None):
+        """The flashed bytes from app_start (or @start, block-aligned) to
+        the end of the highest block."""
         if not self.flash:
             return b""
         end = max(self.flash) + self.block_size
         return b"".join(self.flash.get(a, b"\xff" * self.block_size)
-                        for a in range(self.app_start, end, self.block_size))
+                        for a in range(self.app_start if start is None else start, end, self.block_size))
 
     def boot_target(self, app_dictionary):
         """What Katapult's application jump leads to, given the dictionary
@@ -289,7 +299,13 @@ class KatapultCore:
         ("klipper", dictionary JSON), ("foreign", None) for a flashed image
         without a Klipper dictionary, or ("katapult", None) when there is
         no application (Katapult stays)."""
+        self.boot_failure = None
         if self.flash:
+            jump = self.app_start if self.jump_to is None else self.jump_to
+            self.boot_failure = cortexm_boot.check(self.image(jump).rstrip(b"\xff"), jump, self.mcu)
+            if self.boot_failure:
+                self._debug("the application does not start (%s): Katapult stays", self.boot_failure)
+                return "katapult", None
             dictionary = find_klipper_dictionary(self.image())
             if dictionary is None:
                 return "foreign", None

@@ -78,13 +78,14 @@ class KatapultSerial(PtySim):
     own_fd          close @fd on stop() (the standalone CLI owns its pty)
     baud            line rate of the link model (None: no rate limit); .link
                     is its LinkModel (None without)
+    jump_to         where the application really starts (KatapultCore)
     """
 
     def __init__(self, fd, mcu, app_start=0x08002000, block_size=64, page_size=2048,
                  katapult_version=katapult_core.DEFAULT_KATAPULT_VERSION,
                  proto_version=katapult_core.PROTO_VERSION, flash=None, app_dictionary=None,
                  on_complete=None, complete_delay=katapult_core.COMPLETE_DELAY, fault=None,
-                 own_fd=False, seed=None, log=None, baud=None):
+                 own_fd=False, seed=None, log=None, baud=None, jump_to=None):
         super().__init__()
         self.fd = fd
         self.mcu = mcu
@@ -115,7 +116,7 @@ class KatapultSerial(PtySim):
             mcu, app_start=app_start, block_size=block_size, page_size=page_size,
             katapult_version=katapult_version, proto_version=proto_version,
             flash=flash, commands=self.commands, stats=self, on_complete=self._completing,
-            random=random.Random(seed), log=self._debug)
+            random=random.Random(seed), log=self._debug, jump_to=jump_to)
         self.flash = self.core.flash
 
         self._adopt_pty(fd)

@@ -60,6 +60,8 @@ import gi
 gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
+import cortexm_boot  # noqa: E402
+import katapult_core  # noqa: E402
 from linkmodel import LinkModel  # noqa: E402
 
 # usbfs ioctls (x86-64, checked against linux/usbdevice_fs.h)
@@ -951,6 +953,27 @@ def parse_dfuse_layout(text):
     return name, segments
 
 
+def application_after(flash, base, address, app_dictionary, mcu=None):
+    """(mode, dictionary, failure) a ROM bootloader leads to when it starts
+    what @flash (bytes from @base, 0xFF = erased) holds at @address:
+    ("klipper", dictionary JSON, None) for a Klipper image, ("foreign",
+    None, None) for an image without a dictionary, the previous application
+    (@app_dictionary; "foreign" when None) when nothing was ever written, and
+    ("bootloader", None, why) when the vector table at @address would not
+    start (cortexm_boot.py): the MCU stays in its ROM bootloader."""
+    if not bytes(flash).strip(b"\xff"):
+        if app_dictionary is None:
+            return "foreign", None, None
+        return "klipper", app_dictionary, None
+    failure = cortexm_boot.check(cortexm_boot.written(flash, base, address), address, mcu)
+    if failure:
+        return "bootloader", None, failure
+    dictionary = katapult_core.find_klipper_dictionary(bytes(flash))
+    if dictionary is None:
+        return "foreign", None, None
+    return "klipper", dictionary, None
+
+
 class Stm32DfuSim(UsbDeviceSim):
     """The STM32 system-memory DFU bootloader (0483:df11) with one flash.
 
@@ -1018,6 +1041,7 @@ class Stm32DfuSim(UsbDeviceSim):
         self.violations = []
         self.unprotect_requests = 0
         self.left = None
+        self.boot_failure = None
         self.usb_resets = 0
         self._pending = None         # (kind, wValue, data) of the download in progress
         self._busy_since = None      # (monotonic time, poll timeout) of the last dfuDNBUSY
@@ -1166,6 +1190,17 @@ class Stm32DfuSim(UsbDeviceSim):
                 self._error(self._op_status)
             return self._status_reply()
         return self._status_reply()
+
+    def boot_target(self, app_dictionary):
+        """What runs after the leave (see application_after): the image
+        at the leave address; boot_failure says why it did not start.
+        Call with .lock held."""
+        address = self.left if self.left is not None else self.flash_base
+        mode, dictionary, self.boot_failure = application_after(self.flash, self.flash_base, address,
+                                                                app_dictionary)
+        if self.boot_failure:
+            self._log("the application does not start (%s): the ROM bootloader stays" % self.boot_failure)
+        return mode, dictionary
 
     def _leave(self):
         """GETSTATUS after the leave request: the ROM answers dfuMANIFEST
@@ -1355,6 +1390,7 @@ class Rp2040BootSim(UsbDeviceSim):
         self.writes = []
         self.reads = []
         self.reboots = []
+        self.boot_failure = None
         self.violations = []
         self.interface_resets = 0
         self.last_status = (0, PICOBOOT_OK, 0, 0)
@@ -1563,6 +1599,22 @@ class Rp2040BootSim(UsbDeviceSim):
         timer = threading.Timer(delay_ms / 1000.0, self._reboot_now, args=(pc, sp, delay_ms))
         timer.daemon = True
         timer.start()
+
+    def boot_target(self, app_dictionary):
+        """What runs after a REBOOT (see application_after): the boot ROM
+        runs boot2 at 0x10000000, which starts the vector table at
+        0x10000100; without boot2 (erased) the ROM stays in BOOTSEL.  Call
+        with .lock held."""
+        self.boot_failure = None
+        if bytes(self.flash).strip(b"\xff") and not bytes(self.flash[:256]).strip(b"\xff"):
+            self.boot_failure = "no boot2 at 0x%08x" % FLASH_BASE
+            mode, dictionary = "bootloader", None
+        else:
+            mode, dictionary, self.boot_failure = application_after(self.flash, FLASH_BASE, FLASH_BASE + 0x100,
+                                                                    app_dictionary, mcu="rp2040")
+        if self.boot_failure:
+            self._log("the application does not start (%s): BOOTSEL stays" % self.boot_failure)
+        return mode, dictionary
 
     def _reboot_now(self, pc, sp, delay_ms):
         self._log("rebooting (pc 0x%x sp 0x%x)" % (pc, sp))

@@ -2,12 +2,16 @@
 """Build realistic Klipper firmware images for tests and the demo.
 
 build(mcu, version, start, fmt) lays out what a Klipper build puts into
-flash (protocols.md §15): a Cortex-M vector table (initial SP = top of the
-family's RAM, reset handler just behind the table, the other handlers
-pointing into the image), filler standing in for code, .rodata holding
+flash (protocols.md §15.3): a Cortex-M vector table (initial SP = top of the
+family's RAM, the reset handler tens of KiB in like in real builds, RP2040
+handlers in RAM), filler standing in for code, the reset handler's literal
+pool (.data copy source/start/end, the VTOR value), .rodata holding
 strings and the compressed data dictionary from klipper_dict.build() (zlib;
 bzip2 as Kalico does, and an embedded build config, when asked) at an
-unaligned offset, and padding.  The result is encoded as a raw .bin,
+unaligned offset, and .data's initial values last.  Images compiled
+from real startup code are tests/tools/fwimage (which needs
+arm-none-eabi-gcc); these need nothing and are the same in the respects
+the daemon checks.  The result is encoded as a raw .bin,
 a minimal ELF32 ARM executable (PT_LOAD segments at their load addresses,
 as `readelf -l` shows them), Intel HEX (with type 04 records) or UF2
 (256-byte payloads).  RP2040 UF2 images start at 0x10000000 with a 256-byte
@@ -94,32 +98,66 @@ def _rodata_strings():
         "Stepper too far in past", "Invalid oid type", "sentinel timer called"))
 
 
+DATA_SIZE = 0x90            # bytes of .data initial values, stored last
+
+
+def reset_offset(size):
+    """Where the reset handler sits in an image of @size bytes: real builds
+    have it ~0x6000-0x7700 in (protocols.md §15.3), smaller ones 3/5 in."""
+    return min(0x6F38, (size * 3 // 5) & ~0x7)
+
+
 def flat_image(mcu, version, start, size=20 * 1024, ram_top_address=None, link="usb", **dict_args):
-    """The application bytes from the vector table on, linked at @start;
-    @dict_args (app, kconfig, compression) go to klipper_dict.build()."""
+    """The application bytes from the vector table on, linked at @start,
+    laid out like a real build (protocols.md §15.3): the handlers tens of
+    KiB in (behind stand-in code), the reset handler's literal pool with
+    the .data copy's flash source, RAM start and end (the initial values
+    are the image's last DATA_SIZE bytes) and, on STM32 and RP2040, the
+    vector table's address for SCB->VTOR; RP2040 handlers other than reset
+    run from RAM.  @dict_args (app, kconfig, compression) go to
+    klipper_dict.build()."""
     rng = random.Random("%s-%s-%x" % (mcu, version, start))
     sp = ram_top_address if ram_top_address is not None else ram_top(mcu)
+    ram_base = 0x10000000 if mcu.startswith("lpc176") else 0x20000000
     table_size = VECTOR_COUNT * 4
-    reset = start + table_size + 0x41          # inside the image, Thumb
-    default_handler = start + table_size + 0x21
+    size = max(size, 4096)
+    size += (-size) % 4
+    handlers_at = reset_offset(size) - 0x100
+    reset = start + reset_offset(size) + 1
+    if mcu.startswith("rp2040"):
+        default_handler = ram_base + 0x7A61             # runs from RAM
+        other = lambda i: ram_base + 0x7A01 + 4 * i     # noqa: E731
+    else:
+        default_handler = start + handlers_at + 0x21
+        other = lambda i: start + handlers_at + 0x41 + 4 * i  # noqa: E731
     vectors = [sp, reset]
     for i in range(2, VECTOR_COUNT):
         if i in (7, 8, 9, 10, 13):             # reserved system vectors
             vectors.append(0)
         elif i < 16:
-            vectors.append(start + table_size + 0x81 + 4 * i)
+            vectors.append(other(i))
         else:
             vectors.append(default_handler)
     table = struct.pack("<%dI" % VECTOR_COUNT, *vectors)
 
     _, compressed = klipper_dict.build(version, mcu, link=link, **dict_args)
-    code = _thumb_filler(rng, 0x2000 + rng.randrange(0, 0x100) * 2)
+    code = _thumb_filler(rng, handlers_at - table_size)
+    # The handlers, then the reset handler: copy .data, clear .bss, set
+    # VTOR; its literal pool follows.
+    handlers = _thumb_filler(rng, 0x100)
+    reset_code = _thumb_filler(rng, 0x3C)
+    pool = struct.pack("<III", ram_base, ram_base + DATA_SIZE, start + size - DATA_SIZE)
+    pool += struct.pack("<II", ram_base + 0x100, ram_base + 0x400)      # .bss start, end
+    if mcu.startswith("stm32") or mcu.startswith("rp2040"):
+        pool += struct.pack("<I", start)                                 # SCB->VTOR
     rodata = _rodata_strings() + b"\x01\x02\x03"   # the dictionary is not aligned
-    body = table + code + rodata + compressed + _rodata_strings()
-    if len(body) < size:
-        body += _thumb_filler(rng, size - len(body))
-    pad = (-len(body)) % 4
-    return body + b"\0" * pad
+    body = table + code + handlers + reset_code + pool + rodata + compressed + _rodata_strings()
+    tail = size - DATA_SIZE
+    if len(body) < tail:
+        body += _thumb_filler(rng, tail - len(body))
+    body += (-len(body)) % 4 * b"\0"
+    data = struct.pack("<4I", 1, 2, 3, 5) + bytes(rng.randrange(256) for _ in range(DATA_SIZE - 16))
+    return body + data
 
 
 def _elf(segments, entry):
@@ -272,7 +310,7 @@ def build(mcu, version, start, fmt="bin", size=20 * 1024, ram_top=None, link="us
         app_start = start + 0x100
     app = flat_image(mcu, version, app_start, size=size, ram_top_address=ram_top, link=link, **dict_args)
     image = prefix + app
-    entry = app_start + VECTOR_COUNT * 4 + 0x41
+    entry = app_start + reset_offset(len(app)) + 1
     if fmt == "bin":
         return image
     if fmt == "elf":

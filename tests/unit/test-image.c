@@ -3,8 +3,9 @@
  * a zlib-compressed JSON data dictionary, plus small encoders for each
  * format), refusing truncated, corrupt and foreign files with a message,
  * and checking images against MCUs (type, start address, size).  The
- * realistic images of tests/tools/mkimage.py are not used here so that the
- * unit tests need nothing but this file. */
+ * start checks also run on images compiled from real startup code
+ * (tests/tools/fwimage, built by meson into MCUFLASHD_FWIMAGE_DIR; skipped
+ * without arm-none-eabi-gcc). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -14,6 +15,7 @@
 
 #include <elf.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -330,18 +332,20 @@ static void test_bin_f4(void **state) {
         assert_non_null(img->dict);
         assert_string_equal(img->dict->mcu, "stm32f429xx");
         assert_string_equal(img->dict->version, "v0.13.0-46-g8c72b4a5");
-        assert_int_equal(image_bin_start(img, "stm32f429xx", &start), 0);
-        assert_int_equal(start, 0x08008000);
+        /* Handlers right behind the table and no .data copy or VTOR
+         * literal: the image does not say where it is linked. */
+        assert_int_equal(image_bin_start(img, "stm32f429xx", &start), -ENOENT);
         assert_check_ok(img, "stm32f429xx", 0x08008000, 0x08008000);
         assert_check_refused(img, "stm32f429xx", 0x08000000, 0, IMAGE_CHECK_MISMATCH,
-                             "image is built for a bootloader at 0x08008000 (32 KiB), this MCU has no bootloader");
+                             "image is not linked for 0x08000000: its vector 0x08008141 points outside the 12288 "
+                             "bytes it would take from there (its vectors would fit 0x08008000); this MCU has "
+                             "no bootloader");
 
         assert_int_equal(load(&app0, &img0, NULL), 0);
         assert_check_ok(img0, "stm32f429xx", 0x08000000, 0x08000000);
         /* A "no bootloader" build must never go above a bootloader. */
         assert_check_refused(img0, "stm32f429xx", 0x08008000, 0, IMAGE_CHECK_MISMATCH,
-                             "without a bootloader (for 0x08000000), this MCU's bootloader starts the "
-                             "application at 0x08008000 (32 KiB); flashing it would overwrite the bootloader");
+                             "image is not linked for 0x08008000: its vector 0x08000141 points outside");
         buf_free(&app);
         buf_free(&app0);
 }
@@ -353,7 +357,9 @@ static void test_bin_g0(void **state) {
         (void) state;
         assert_int_equal(load(&app, &img, NULL), 0);
         assert_check_ok(img, "stm32g0b1xx", 0x08002000, 0x08002000);
-        assert_check_refused(img, "stm32g0b1xx", 0x08000000, 0, IMAGE_CHECK_MISMATCH, "(8 KiB)");
+        /* Its vectors fit 0x08000000 too, and nothing in it says otherwise:
+         * the .data copy of a real build does (test_fwimage_*). */
+        assert_check_ok(img, "stm32g0b1xx", 0x08000000, 0x08000000);
         buf_free(&app);
 }
 
@@ -368,8 +374,9 @@ static void test_bin_f103_offsets(void **state) {
         assert_check_ok(img, "stm32f103xe", 0x08008000, 0x08008000);
         assert_check_ok(img2, "stm32f103xe", 0x08002000, 0x08002000);
         assert_check_refused(img, "stm32f103xe", 0x08002000, 0, IMAGE_CHECK_MISMATCH,
-                             "image is built for a bootloader at 0x08008000 (32 KiB), this MCU's bootloader "
-                             "starts the application at 0x08002000 (8 KiB)");
+                             "image is not linked for 0x08002000: its vector 0x08008141 points outside the "
+                             "12288 bytes it would take from there (its vectors would fit 0x08007000 or "
+                             "0x08008000); this MCU's bootloader starts the application at 0x08002000 (8 KiB)");
         buf_free(&app);
         buf_free(&app2);
 }
@@ -382,7 +389,8 @@ static void test_bin_bad_vectors(void **state) {
         (void) state;
         assert_int_equal(load(&app, &img, NULL), 0);
         assert_check_refused(img, "stm32f429xx", 0x08008000, 0, IMAGE_CHECK_INVALID,
-                             "cannot tell where this .bin image starts");
+                             "this .bin is no stm32f429xx application: its initial stack pointer 0x30000000 is "
+                             "not in the STM32F2/F4's RAM");
         buf_free(&app);
 }
 
@@ -754,9 +762,10 @@ static void test_unknown_flash_start(void **state) {
 
         (void) state;
         assert_int_equal(load(&app, &img, NULL), 0);
-        assert_check_refused(img, "stm32f429xx", 0, 0, IMAGE_CHECK_UNKNOWN_TARGET,
-                             "cannot tell where this MCU's application starts; set FlashStart=0x08008000 for "
-                             "it in mcuflashd.conf's [Mcu usb-Klipper_stm32f429xx_123] section");
+        assert_check_refused(img, "stm32f429xx", IMAGE_START_UNKNOWN, 0, IMAGE_CHECK_UNKNOWN_TARGET,
+                             "cannot tell where this MCU's application starts, and this .bin does not say where "
+                             "it is linked (its vectors would fit 0x08008000); set FlashStart= for it in "
+                             "mcuflashd.conf's [Mcu usb-Klipper_stm32f429xx_123] section");
         buf_free(&app);
 }
 
@@ -791,9 +800,9 @@ static void test_too_big_for_the_chip(void **state) {
         assert_check_refused(img_big, "stm32f446xx", 0x08008000, 0, IMAGE_CHECK_TOO_BIG,
                              "but this MCU has only 480 KiB of flash from 0x08008000 (stm32f446xx parts have "
                              "at most 512 KiB; if this one has more, say so with FlashSize=");
-        /* Too big even where the MCU's application start is not known yet. */
-        assert_check_refused(img_big, "stm32f446xx", 0, 0, IMAGE_CHECK_TOO_BIG,
-                             "only 480 KiB of flash from 0x08008000");
+        /* Where neither the MCU nor the image says where it goes: */
+        assert_check_refused(img_big, "stm32f446xx", IMAGE_START_UNKNOWN, 0, IMAGE_CHECK_UNKNOWN_TARGET,
+                             "set FlashStart=");
         /* The size letter of the name: x6 = 32 KiB. */
         assert_check_refused(img_f042, "stm32f042x6", 0x08000000, 0, IMAGE_CHECK_TOO_BIG,
                              "only 32 KiB of flash from 0x08000000");
@@ -1045,6 +1054,234 @@ static void test_fuzz_no_crash(void **state) {
         buf_free(&app);
 }
 
+/* ---- Start checks on Klipper-like builds (tests/tools/fwimage) ----
+ * Images compiled with arm-none-eabi-gcc at build time, laid out like real
+ * Klipper builds (protocols.md §15.3): the reset handler ~0x6900 into the
+ * image, a .data copy, SCB->VTOR on STM32, RP2040 handlers in RAM.  Each
+ * must pass at its link address and be refused, naming both addresses, at
+ * every other start its family offers.  Skipped when the cross compiler is
+ * missing (MCUFLASHD_FWIMAGE_DIR/SKIPPED says why). */
+
+struct fw_variant {
+        const char *mcu;
+        uint32_t start;
+        bool uf2;                       /* RP2040 no-bootloader build: UF2 and ELF only */
+        uint32_t options[12];           /* the family's starts (§15.4); 0-terminated after the first */
+};
+
+static const struct fw_variant fw_variants[] = {
+        { "stm32f072xb", 0x08000000, false, { 0x08000000, 0x08001000, 0x08002000, 0x08004000 } },
+        { "stm32f072xb", 0x08002000, false, { 0x08000000, 0x08001000, 0x08002000, 0x08004000 } },
+        { "stm32f103xe", 0x08000000, false, { 0x08000000, 0x08000800, 0x08001000, 0x08002000, 0x08004000,
+                                              0x08005000, 0x08007000, 0x08008000, 0x08008800, 0x08009000,
+                                              0x08010000 } },
+        { "stm32f103xe", 0x08002000, false, { 0x08000000, 0x08000800, 0x08001000, 0x08002000, 0x08004000,
+                                              0x08005000, 0x08007000, 0x08008000, 0x08008800, 0x08009000,
+                                              0x08010000 } },
+        { "stm32f103xe", 0x08000800, false, { 0x08000000, 0x08000800, 0x08001000, 0x08002000, 0x08004000,
+                                              0x08005000, 0x08007000, 0x08008000, 0x08008800, 0x08009000,
+                                              0x08010000 } },
+        { "stm32f429xx", 0x08000000, false, { 0x08000000, 0x08004000, 0x08008000, 0x0800C000, 0x08010000,
+                                              0x08020200 } },
+        { "stm32f429xx", 0x08008000, false, { 0x08000000, 0x08004000, 0x08008000, 0x0800C000, 0x08010000,
+                                              0x08020200 } },
+        { "stm32f429xx", 0x08004000, false, { 0x08000000, 0x08004000, 0x08008000, 0x0800C000, 0x08010000,
+                                              0x08020200 } },
+        { "stm32g0b1xx", 0x08002000, false, { 0x08000000, 0x08002000 } },
+        { "stm32h723xx", 0x08020000, false, { 0x08000000, 0x08008000, 0x08020000 } },
+        { "samd21g18a", 0x2000, false, { 0x0, 0x2000, 0x4000 } },
+        { "samd21g18a", 0x0, false, { 0x0, 0x2000, 0x4000 } },
+        { "samd51p20a", 0x4000, false, { 0x0, 0x4000 } },
+        { "sam3x8e", 0x80000, false, { 0x80000, 0x84000 } },
+        { "lpc1769", 0x4000, false, { 0x0, 0x4000 } },
+        { "lpc1769", 0x0, false, { 0x0, 0x4000 } },
+        { "rp2040", 0x10004000, false, { 0x10000100, 0x10004000 } },
+        { "rp2040", 0x10000000, true, { 0x10000100, 0x10004000 } },
+};
+
+static const char *fwimage_dir(void) {
+        const char *dir = getenv("MCUFLASHD_FWIMAGE_DIR");
+        char path[4096];
+
+        if (!dir)
+                return NULL;
+        snprintf(path, sizeof(path), "%s/SKIPPED", dir);
+        if (access(path, F_OK) == 0)
+                return NULL;
+        return dir;
+}
+
+/* Skips the test (with the reason) when the images were not built. */
+static bool fwimage_available(void) {
+        if (fwimage_dir())
+                return true;
+        print_message("# SKIPPED: no Klipper-like test images: %s\n",
+                      getenv("MCUFLASHD_FWIMAGE_DIR") ? "arm-none-eabi-gcc is not installed" :
+                      "MCUFLASHD_FWIMAGE_DIR is not set (run through meson test)");
+        return false;
+}
+
+static struct image *load_fwimage(const struct fw_variant *v, const char *ext) {
+        char path[4096];
+        struct buf b = {};
+        struct image *img = NULL;
+        _cleanup_free_ char *message = NULL;
+        uint8_t chunk[65536];
+        ssize_t n;
+        int fd;
+
+        snprintf(path, sizeof(path), "%s/%s-%08" PRIx32 ".%s", fwimage_dir(), v->mcu, v->start, ext);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                fail_msg("cannot open %s: %m", path);
+        while ((n = read(fd, chunk, sizeof(chunk))) > 0)
+                buf_append(&b, chunk, (size_t) n);
+        close(fd);
+        if (load(&b, &img, &message) < 0)
+                fail_msg("%s does not load: %s", path, strempty(message));
+        buf_free(&b);
+        assert_non_null(img->dict);
+        assert_string_equal(img->dict->mcu, v->mcu);
+        return img;
+}
+
+static void assert_message_names(const char *message, uint64_t a, uint64_t b) {
+        char sa[32], sb[32];
+
+        snprintf(sa, sizeof(sa), "0x%08" PRIx64, a);
+        snprintf(sb, sizeof(sb), "0x%08" PRIx64, b);
+        if (!message || !strstr(message, sa) || !strstr(message, sb))
+                fail_msg("message '%s' does not name both %s and %s", strempty(message), sa, sb);
+}
+
+/* @img (linked at @link) against every start of its family. */
+static void check_every_start(const struct image *img, const struct fw_variant *v, uint64_t link,
+                              const char *what) {
+        for (size_t i = 0; i < ELEMENTSOF(v->options) && (i == 0 || v->options[i] != 0); i++) {
+                uint64_t stated = v->options[i], start = 0;
+                enum image_check_error kind = IMAGE_CHECK_OK;
+                _cleanup_free_ char *message = NULL;
+                /* RP2040: a stated 0x10000100 means boot2 at 0x10000000. */
+                bool right = stated == link || (link == 0x10000000 && stated == 0x10000100);
+                int r = check(img, v->mcu, stated, 0, &start, &kind, &message);
+
+                if (right) {
+                        if (r != 0)
+                                fail_msg("%s %s at 0x%08" PRIx64 ": refused: %s", v->mcu, what, stated,
+                                         strempty(message));
+                        assert_int_equal(start, link);
+                        continue;
+                }
+                if (r >= 0)
+                        fail_msg("%s %s linked at 0x%08" PRIx64 " accepted for 0x%08" PRIx64, v->mcu, what,
+                                 link, stated);
+                assert_int_equal(kind, IMAGE_CHECK_MISMATCH);
+                assert_message_names(message, link, stated);
+        }
+}
+
+static void test_fwimage_bin(void **state) {
+        (void) state;
+        if (!fwimage_available())
+                skip();
+        for (size_t k = 0; k < ELEMENTSOF(fw_variants); k++) {
+                const struct fw_variant *v = &fw_variants[k];
+                _cleanup_(image_freep) struct image *img = NULL;
+                _cleanup_free_ char *message = NULL;
+                enum image_check_error kind = IMAGE_CHECK_OK;
+                uint64_t start = 0;
+
+                if (v->uf2)
+                        continue;
+                img = load_fwimage(v, "bin");
+                assert_int_equal(img->format, IMAGE_FORMAT_BIN);
+                /* The image says where it is linked ... */
+                assert_int_equal(image_bin_start(img, v->mcu, &start), 0);
+                if (start != v->start)
+                        fail_msg("%s: derived 0x%08" PRIx64 ", linked at 0x%08" PRIx32, v->mcu, start, v->start);
+                /* ... which is what an MCU without a stated start is told to set. */
+                assert_true(check(img, v->mcu, IMAGE_START_UNKNOWN, 0, NULL, &kind, &message) < 0);
+                assert_int_equal(kind, IMAGE_CHECK_UNKNOWN_TARGET);
+                assert_message_names(message, v->start, v->start);
+                check_every_start(img, v, v->start, "bin");
+        }
+}
+
+static void test_fwimage_elf_hex_uf2(void **state) {
+        static const char *const exts[] = { "elf", "hex", "uf2" };
+
+        (void) state;
+        if (!fwimage_available())
+                skip();
+        for (size_t k = 0; k < ELEMENTSOF(fw_variants); k++)
+                for (size_t e = 0; e < ELEMENTSOF(exts); e++) {
+                        const struct fw_variant *v = &fw_variants[k];
+                        _cleanup_(image_freep) struct image *img = NULL;
+
+                        if (streq(exts[e], "uf2") != v->uf2 && !streq(exts[e], "elf"))
+                                continue;
+                        img = load_fwimage(v, exts[e]);
+                        assert_true(img->has_addresses);
+                        assert_int_equal(img->lowest_address, v->start);
+                        check_every_start(img, v, v->start, exts[e]);
+                }
+}
+
+/* What the build says wins over what the vectors allow. */
+static void test_fwimage_kconfig(void **state) {
+        const struct fw_variant *f4 = &fw_variants[7];  /* stm32f429xx at 0x08004000 */
+        _cleanup_(image_freep) struct image *img = NULL;
+        _cleanup_free_ char *message = NULL;
+        uint64_t start = 0;
+
+        (void) state;
+        assert_int_equal(image_kconfig_flash_start("CONFIG_MACH_STM32=y\nCONFIG_STM32_FLASH_START_8000=y\n",
+                                                   "stm32f429xx", &start), 0);
+        assert_int_equal(start, 0x08008000);
+        assert_int_equal(image_kconfig_flash_start("CONFIG_RPXXXX_FLASH_START_4000=y\n", "rp2040", &start), 0);
+        assert_int_equal(start, 0x10004000);
+        assert_int_equal(image_kconfig_flash_start("CONFIG_SAMD_FLASH_START_2000=y\n", "samd21g18a", &start), 0);
+        assert_int_equal(start, 0x2000);
+        assert_int_equal(image_kconfig_flash_start("CONFIG_LPC_FLASH_START_4000=y", "lpc1769", &start), 0);
+        assert_int_equal(start, 0x4000);
+        assert_int_equal(image_kconfig_flash_start("CONFIG_FLASH_APPLICATION_ADDRESS=0x0\n", "lpc1769", &start), 0);
+        assert_int_equal(start, 0x0);
+        assert_int_equal(image_kconfig_flash_start("# CONFIG_STM32_FLASH_START_2000 is not set\n", "stm32f103xe",
+                                                   &start), -ENOENT);
+        assert_int_equal(image_kconfig_flash_start("CONFIG_STM32_FLASH_START_2000=y\n", "atmega2560", &start),
+                         -ENOENT);
+
+        if (!fwimage_available())
+                skip();
+        assert_int_equal(f4->start, 0x08004000);
+        img = load_fwimage(f4, "bin");
+        free(img->dict->kconfig);
+        img->dict->kconfig = strdup("CONFIG_MACH_STM32F429=y\nCONFIG_STM32_FLASH_START_8000=y\n");
+        assert_non_null(img->dict->kconfig);
+        assert_int_equal(image_bin_start(img, "stm32f429xx", &start), 0);
+        assert_int_equal(start, 0x08008000);
+        assert_check_refused(img, "stm32f429xx", 0x08004000, 0, IMAGE_CHECK_MISMATCH,
+                             "image is linked for 0x08008000 (behind a 32 KiB bootloader, as its build config "
+                             "shows), this MCU's bootloader starts the application at 0x08004000 (16 KiB)");
+        (void) message;
+}
+
+/* The measured defect: a 0x08000000 build whose handlers sit tens of KiB
+ * in fits an 8 KiB bootloader's range; its .data copy tells the truth. */
+static void test_fwimage_no_bootloader_build_above_katapult(void **state) {
+        const struct fw_variant *f103 = &fw_variants[2];        /* stm32f103xe at 0x08000000 */
+        _cleanup_(image_freep) struct image *img = NULL;
+
+        (void) state;
+        if (!fwimage_available())
+                skip();
+        img = load_fwimage(f103, "bin");
+        assert_check_refused(img, "stm32f103xe", 0x08002000, 0, IMAGE_CHECK_MISMATCH,
+                             "image is linked for 0x08000000 (no bootloader, as its .data copy shows), this MCU's "
+                             "bootloader starts the application at 0x08002000 (8 KiB); flashing it would "
+                             "overwrite the bootloader");
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_bin_f4),
@@ -1071,6 +1308,10 @@ int main(void) {
                 cmocka_unit_test(test_fd_kinds_refused),
                 cmocka_unit_test(test_hex_caps),
                 cmocka_unit_test(test_fuzz_no_crash),
+                cmocka_unit_test(test_fwimage_bin),
+                cmocka_unit_test(test_fwimage_elf_hex_uf2),
+                cmocka_unit_test(test_fwimage_kconfig),
+                cmocka_unit_test(test_fwimage_no_bootloader_build_above_katapult),
         };
 
         return cmocka_run_group_tests(tests, NULL, NULL);
