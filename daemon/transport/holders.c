@@ -75,8 +75,7 @@ static void read_comm(pid_t pid, char *comm, size_t size) {
 
 int tty_find_holder(const char *path, pid_t *ret_pid, char *comm, size_t comm_size) {
         _cleanup_(closedirp) DIR *proc = NULL;
-        pid_t self = getpid();
-        struct dirent *e;
+        pid_t self = getpid(), pid;
         struct stat st;
 
         if (stat(path, &st) < 0)
@@ -86,13 +85,10 @@ int tty_find_holder(const char *path, pid_t *ret_pid, char *comm, size_t comm_si
         proc = opendir("/proc");
         if (!proc)
                 return -errno;
-        while ((e = readdir(proc))) {
-                char *end;
-                long pid = strtol(e->d_name, &end, 10);
-
-                if (*end || pid <= 0 || pid == self)
+        while ((pid = proc_next_pid(proc)) > 0) {
+                if (pid == self)
                         continue;
-                if (process_holds((pid_t) pid, st.st_rdev)) {
+                if (process_holds(pid, st.st_rdev)) {
                         if (ret_pid)
                                 *ret_pid = (pid_t) pid;
                         read_comm((pid_t) pid, comm, comm_size);

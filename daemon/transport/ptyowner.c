@@ -5,6 +5,7 @@
  * are skipped (the daemon runs as root, so in practice none are). */
 #include <dirent.h>
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,9 +121,22 @@ int pty_process_holds_master(pid_t pid, int index) {
         return 0;
 }
 
+pid_t proc_next_pid(DIR *proc) {
+        struct dirent *e;
+
+        while ((e = readdir(proc))) {
+                char *end;
+                long pid = strtol(e->d_name, &end, 10);
+
+                if (!*end && pid > 0 && pid <= INT_MAX)
+                        return (pid_t) pid;
+        }
+        return 0;
+}
+
 int pty_find_master_holders(int index, pid_t *pids, size_t max) {
         _cleanup_(closedirp) DIR *proc = NULL;
-        struct dirent *e;
+        pid_t pid;
         int n = 0;
 
         if (index < 0)
@@ -130,18 +144,12 @@ int pty_find_master_holders(int index, pid_t *pids, size_t max) {
         proc = opendir("/proc");
         if (!proc)
                 return -errno;
-        while ((e = readdir(proc))) {
-                char *end;
-                long pid = strtol(e->d_name, &end, 10);
-
-                if (*end || pid <= 0)
-                        continue;
-                if (pty_process_holds_master((pid_t) pid, index) > 0) {
+        while ((pid = proc_next_pid(proc)) > 0)
+                if (pty_process_holds_master(pid, index) > 0) {
                         if ((size_t) n < max)
-                                pids[n] = (pid_t) pid;
+                                pids[n] = pid;
                         n++;
                 }
-        }
         return n;
 }
 

@@ -13,6 +13,7 @@
 #include <limits.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <dirent.h>
 #include <sys/types.h>
 
 /* The index N of the pty slave device /dev/pts/N with device number @rdev,
@@ -38,6 +39,10 @@ int pty_process_holds_master(pid_t pid, int index);
 /* Every process holding the master of /dev/pts/@index: up to @max pids in
  * @pids.  Returns how many there are (which may exceed @max), or -errno. */
 int pty_find_master_holders(int index, pid_t *pids, size_t max);
+
+/* The next process id in an opendir("/proc") listing, skipping what is
+ * not a process; 0 at the end. */
+pid_t proc_next_pid(DIR *proc);
 
 struct process_identity {
         char exe[PATH_MAX];     /* /proc/PID/exe without " (deleted)"; "" if unknown */

@@ -143,13 +143,16 @@ def start_waiting_job(testbed, klipper_checkout, printer_cfg, daemon, dbus_clien
 
 
 def cancel_as_nobody(bus, job):
-    """Job.Cancel from uid 65534 until it is not Busy (the request may be on
-    its way to the MCU): the last CompletedProcess."""
-    for _ in range(50):
-        out = ctl_as_nobody(bus, "cancel", job)
-        if "Busy" not in out.stderr and "next safe point" not in out.stderr:
-            return out
-    return out
+    """Job.Cancel from uid 65534: the CompletedProcess.  While the reboot
+    request is on its way to the MCU the daemon answers Busy "… it stops at
+    the next safe point": the cancel is taken all the same (the job stops
+    there), so that answer counts as accepted, never as a reason to ask
+    again (a second call would find the job finished already)."""
+    return ctl_as_nobody(bus, "cancel", job)
+
+
+def cancel_accepted(out):
+    return out.returncode == 0 or "next safe point" in out.stderr
 
 
 def test_cancel_takes_the_action_of_the_job(testbed, klipper_checkout, printer_cfg, polkit, daemon, bus,
@@ -165,7 +168,7 @@ def test_cancel_takes_the_action_of_the_job(testbed, klipper_checkout, printer_c
 
     polkit.allow("io.mcuflash1.reboot")
     out = cancel_as_nobody(bus, job)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert cancel_accepted(out), out.stdout + out.stderr
     done = wait_for(lambda: (lambda p: p if p["State"] != "running" else None)(
         dbus_client.get_all(job, "io.mcuflash1.Job")), timeout=10)
     assert done["State"] == "cancelled", done
