@@ -70,5 +70,11 @@ int main(int argc, char *argv[]) {
                 log_error_errno(r, "Exiting after a fatal error: %m");
                 return EXIT_FAILURE;
         }
+        if (d->forced_exit) {
+                /* Jobs were cut short: their worker threads may still be
+                 * talking to an MCU.  exit() ends them; freeing would wait. */
+                TAKE_PTR(d);
+                return EXIT_FAILURE;
+        }
         return EXIT_SUCCESS;
 }

@@ -54,3 +54,7 @@ bool daemon_mcu_held_by_klipper(struct daemon *d, const struct mcu *m);
 
 /* HostVersion (daemon.c): "" or "?" mean unknown. */
 void daemon_set_host_version(struct daemon *d, const char *version);
+
+/* Shutdown (daemon.c): a job concluded while stopping; exit once none is
+ * left, else say how many are (sd_notify STATUS=). */
+void daemon_stop_progress(struct daemon *d);

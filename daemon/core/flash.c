@@ -121,7 +121,7 @@ int flash_run_flasher(struct job *j, void (*done)(void *userdata, int result)) {
         f->session.userdata = f;
         f->session.cancel = &j->cancel_requested;
         job_set_progress(j, 0, f->size);
-        return worker_start(j->daemon->workers, flash_worker, done, j);
+        return job_worker_start(j, flash_worker, done);
 }
 
 static void flash_worker_done(void *userdata, int result) {

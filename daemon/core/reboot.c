@@ -28,6 +28,7 @@
 #include "proto/dfu.h"
 #include "proto/katapult.h"
 #include "proto/picoboot.h"
+#include "shared/interrupt.h"
 #include "shared/log.h"
 #include "transport/can.h"
 #include "transport/serial.h"
@@ -72,7 +73,9 @@ static int request_bootloader_uart(struct reboot *rb) {
         if (r < 0)
                 return r;
         /* Katapult's own flashtool waits a second for the reset. */
-        usleep(1000 * 1000);
+        r = interruptible_sleep_msec(1000);
+        if (r < 0)
+                return r;
         r = serial_transport_open(rb->device_path, rb->baud, &t);
         if (r < 0)
                 return r;
@@ -235,12 +238,21 @@ static void reboot_worker_done(void *userdata, int result) {
         struct mcu *m;
         char where[256];
 
-        if (result == -ECANCELED)
-                return;         /* daemon shutting down */
+        if (result == -ECANCELED && !j->cancel_requested)
+                return;         /* the worker pool is going away */
         rb->worker_running = false;
         m = job_mcu(j);
         if (m)
                 m->link_busy = false;
+
+        if (result == -ECANCELED) {
+                /* A cancel cut a pause in the request short. */
+                describe_mcu(m, where, sizeof(where));
+                job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
+                           "Cancelled while %s; %s.", rb->to_bootloader ? "asking for the bootloader" :
+                           "leaving the bootloader", where);
+                return;
+        }
 
         if (result < 0) {
                 describe_mcu(m, where, sizeof(where));
@@ -321,7 +333,7 @@ void reboot_run(struct job *j) {
         if (m->transport_id == MCU_TRANSPORT_CAN)
                 (void) canbus_uuid_from_string(m->can_uuid, rb->uuid);
 
-        r = worker_start(j->daemon->workers, reboot_run_worker, reboot_worker_done, j);
+        r = job_worker_start(j, reboot_run_worker, reboot_worker_done);
         if (r < 0) {
                 job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL, "Cannot start the job: %s.", strerror(-r));
                 return;

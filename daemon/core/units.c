@@ -503,3 +503,24 @@ int unit_restart(sd_bus *bus, struct event_base *base, const char *unit, unit_jo
                  struct unit_op **ret) {
         return unit_job_async(bus, base, unit, UNIT_OP_RESTART, cb, userdata, ret);
 }
+
+/* --- fire and forget -------------------------------------------------------- */
+
+void unit_start_detached(sd_bus *bus, const char *unit) {
+        int r;
+
+        if (!bus || isempty(unit))
+                return;
+        /* No reply wanted: systemd queues the job all the same. */
+        r = sd_bus_call_method_async(bus, NULL, SYSTEMD_SERVICE, SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE,
+                                     "StartUnit", NULL, NULL, "ss", unit, "replace");
+        if (r < 0) {
+                log_error_errno(r, "Cannot ask systemd to start %s: %m; start it by hand.", unit);
+                return;
+        }
+        r = sd_bus_flush(bus);
+        if (r < 0)
+                log_error_errno(r, "Cannot ask systemd to start %s: %m; start it by hand.", unit);
+        else
+                log_notice("Asked systemd to start %s again.", unit);
+}

@@ -83,6 +83,11 @@ int unit_stop(sd_bus *bus, struct event_base *base, const char *unit, unit_job_f
 int unit_restart(sd_bus *bus, struct event_base *base, const char *unit, unit_job_fn cb, void *userdata,
                  struct unit_op **ret);
 
+/* Ask systemd to start @unit and return at once: the request is on the
+ * bus when this returns (sd_bus_flush), no answer is waited for.  For a
+ * daemon that exits now; failures are only logged. */
+void unit_start_detached(sd_bus *bus, const char *unit);
+
 /* Give a pending operation a new deadline, @timeout_usec from now, instead
  * of UNIT_OP_TIMEOUT_USEC from its start.  0 → -EINVAL. */
 int unit_op_set_timeout(struct unit_op *op, uint64_t timeout_usec);
