@@ -265,6 +265,15 @@ static unsigned daemon_active_jobs(struct daemon *d) {
         return n;
 }
 
+/* How long the bus is still served after the last job ended. */
+#define STOP_GRACE_USEC (500 * 1000)
+
+static void on_stop_grace_over(evutil_socket_t fd, short what, void *userdata) {
+        struct daemon *d = userdata;
+
+        event_base_loopbreak(d->base);
+}
+
 void daemon_stop_progress(struct daemon *d) {
         unsigned n;
 
@@ -272,9 +281,14 @@ void daemon_stop_progress(struct daemon *d) {
                 return;
         n = daemon_active_jobs(d);
         if (n == 0) {
+                /* Clients that saw Finished read the job's final properties
+                 * next: answer them a moment longer. */
+                const struct timeval grace = { .tv_sec = 0, .tv_usec = d->jobs ? STOP_GRACE_USEC : 0 };
+
                 log_info("No job is running; exiting.");
                 (void) sd_notify(false, "STATUS=Exiting");
-                event_base_loopbreak(d->base);
+                if (event_base_once(d->base, -1, EV_TIMEOUT, on_stop_grace_over, d, &grace) < 0)
+                        event_base_loopbreak(d->base);
                 return;
         }
         (void) sd_notifyf(false, "STOPPING=1\nSTATUS=Stopping: waiting for %u job(s) to reach a safe point "

@@ -159,9 +159,18 @@ static void reboot_stop_rescans(struct reboot *rb) {
 
 static void reboot_succeed(struct job *j, struct mcu *m) {
         struct reboot *rb = j->data;
+        char where[256];
 
         reboot_stop_rescans(rb);
         job_disarm_timeout(j);
+        if (j->cancel_requested && rb->to_bootloader && rb->reached) {
+                /* Cancelled on the way (the daemon stops): the bootloader is
+                 * the safe point, nothing more is sent. */
+                describe_mcu(m, where, sizeof(where));
+                job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
+                           "Cancelled once the MCU reached its bootloader; %s.", where);
+                return;
+        }
         if (rb->reached) {
                 rb->reached(j);
                 return;
@@ -178,11 +187,11 @@ static void on_reboot_timeout(struct job *j) {
         reboot_stop_rescans(rb);
         describe_mcu(m, where, sizeof(where));
         if (rb->to_bootloader)
-                job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
+                job_finish(j, j->cancel_requested ? JOB_STATE_CANCELLED : JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
                            "The MCU did not appear in a bootloader within %.0f s; %s.",
                            j->daemon->config->bootloader_timeout_usec / 1e6, where);
         else
-                job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
+                job_finish(j, j->cancel_requested ? JOB_STATE_CANCELLED : JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
                            "Klipper did not answer within %.0f s after leaving the bootloader; %s.",
                            j->daemon->config->bootloader_timeout_usec / 1e6, where);
 }
@@ -284,7 +293,7 @@ static void reboot_worker_done(void *userdata, int result) {
                 identify_apply_katapult(m, &rb->katapult, 0, rb->device_path, j->daemon->host_version);
                 registry_commit(j->daemon->registry, m);
         }
-        if (j->cancel_requested) {
+        if (j->cancel_requested && !j->shutting_down) {
                 describe_mcu(m, where, sizeof(where));
                 job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
                            "Cancelled after the request was sent; %s.", where);
@@ -358,6 +367,11 @@ int reboot_cancel(struct job *j) {
 
         if (rb->worker_running)
                 return -EBUSY;  /* the request is on its way; stops right after */
+        /* When the daemon stops, an MCU that was sent somewhere is let to
+         * arrive (or the step to time out), so that where it is left is
+         * known: not cut off while it re-enumerates. */
+        if (j->shutting_down && j->timer)
+                return -EBUSY;
         reboot_stop_rescans(rb);
         describe_mcu(m, where, sizeof(where));
         job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED, "Cancelled while waiting; %s.", where);
