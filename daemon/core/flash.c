@@ -354,6 +354,7 @@ int flash_start(struct daemon *d, struct mcu *m, struct image *img, bool force, 
         f = calloc(1, sizeof(*f));
         if (!f)
                 return -ENOMEM;
+        f->linux_mcu.output_fd = -1;
         f->progress_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         f->image_version = strdup(img->dict && img->dict->version ? img->dict->version : "");
         if (f->progress_fd < 0 || !f->image_version) {
