@@ -399,6 +399,9 @@ int reboot_check(struct daemon *d, struct mcu *m, bool to_bootloader, bool stop_
                 return r < 0 ? -ENOMEM : -EPERM;                        \
         } while (0)
 
+        if (d->stopping)
+                REFUSE(MCUFLASH_ERROR_BUSY, "mcuflashd is stopping; %s is left alone. Try again once it runs "
+                       "again.", name);
         if (streq(d->printer_state, "printing") || streq(d->printer_state, "paused"))
                 REFUSE(MCUFLASH_ERROR_PRINTING, "The printer is %s; %s is not rebooted during a print.",
                        d->printer_state, name);

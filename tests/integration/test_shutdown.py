@@ -168,9 +168,11 @@ def test_new_jobs_are_refused_while_stopping(testbed, klipper_checkout, printer_
     wait_for(lambda: dbus_client.get_all(job, "io.mcuflash1.Job")["Phase"] == "entering-bootloader", timeout=10)
     d.proc.send_signal(signal.SIGTERM)
     harness.wait_until(lambda: "shutting down" in d.log(), 10)
-    with pytest.raises(dbus.exceptions.DBusException):
+    with pytest.raises(dbus.exceptions.DBusException) as e:
         dbus_client.call(dbus_client.get_mcu("other"), "io.mcuflash1.Mcu", "RebootToBootloader",
                          dbus.Dictionary({}, signature="sv"))
+    assert e.value.get_dbus_name() == "io.mcuflash1.Error.Busy"
+    assert "mcuflashd is stopping" in e.value.get_dbus_message()
     assert other.mode == "klipper"
     d.proc.wait(EXIT_BOUND)
     assert d.proc.returncode == 0, d.log()[-3000:]
@@ -228,3 +230,33 @@ def test_no_watchdog_without_watchdog_usec(testbed, klipper_checkout, daemon, tm
         assert not any("WATCHDOG=1" in m for m in messages), messages
     finally:
         sock.close()
+
+
+def test_sigterm_while_klipper_is_being_stopped_starts_it_again(
+        testbed, klipper_checkout, printer_cfg, klippy, systemd, daemon, dbus_client, wait_for):
+    """systemd carries out a stop it was asked for even when the job is
+    cancelled before the answer: Klipper is started again all the same."""
+    import dbus
+    klipper_checkout(HOST)
+    board = testbed.add_klipper_usb(serial=OCTOPUS, version=HOST, bootloader="katapult")
+    printer_cfg("[mcu]\nserial: %s\n" % board.by_id)
+    klippy(mcus={"mcu": klippy_api.default_mcu(HOST)})
+    d = daemon()
+    path = dbus_client.get_mcu("mcu")
+    wait_for(lambda: "Klipper" in dbus_client.mcu_props(path)["StateReason"], timeout=15)
+    systemd.set_job_hang(True)
+    job = dbus_client.call(path, "io.mcuflash1.Mcu", "RebootToBootloader", dbus.Dictionary({}, signature="sv"))
+    wait_for(lambda: dbus_client.get_all(job, "io.mcuflash1.Job")["Phase"] == "stopping-klipper", timeout=10)
+    harness.wait_until(lambda: systemd.calls("StopUnit"), 10, what="StopUnit")
+    d.proc.send_signal(signal.SIGTERM)
+    harness.wait_until(lambda: systemd.calls("StartUnit"), 10, what="StartUnit")
+    systemd.set_job_hang(False)
+    systemd.finish_hanging_jobs()
+    d.proc.wait(EXIT_BOUND)
+    log = d.log()
+    assert d.proc.returncode == 0, log[-3000:]
+    order = [(name, args[0]) for name, args in systemd.calls() if name in ("StopUnit", "StartUnit")]
+    assert order == [("StopUnit", KLIPPER), ("StartUnit", KLIPPER)]
+    assert systemd.active_state(KLIPPER) == "active"
+    assert "Cancelled before anything was sent to the MCU" in log
+    assert board.mode == "klipper" and not board.sim.bootloader_requested
