@@ -95,7 +95,9 @@ static int run_tool(struct job *j, const char *mode, const uint8_t *data, size_t
         struct flash_linux *l = &f->linux_mcu;
         _cleanup_free_ char *unit = NULL, *arg = NULL, *dir = NULL;
         _cleanup_close_ int in = -1;
+        struct unit_transient spec;
         char self[PATH_MAX];
+        char *argv[3];
         const char *slash;
         ssize_t n;
         int r;
@@ -120,8 +122,10 @@ static int run_tool(struct job *j, const char *mode, const uint8_t *data, size_t
         if (l->output_fd < 0)
                 return -errno;
 
-        char *argv[] = { self, arg, NULL };
-        const struct unit_transient spec = {
+        argv[0] = self;
+        argv[1] = arg;
+        argv[2] = NULL;
+        spec = (struct unit_transient) {
                 .unit = unit,
                 .description = streq(mode, "install") ? "mcuflashd: install the Linux MCU's klipper_mcu" :
                                "mcuflashd: put the previous klipper_mcu back",
