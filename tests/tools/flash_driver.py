@@ -19,7 +19,7 @@ SOURCES = ["daemon/flash/flasher.c", "daemon/flash/katapult.c", "daemon/flash/df
            "daemon/proto/katapult.c", "daemon/proto/klipper.c",
            "daemon/proto/dfu.c", "daemon/proto/picoboot.c",
            "daemon/transport/serial.c", "daemon/transport/can.c", "daemon/transport/usb.c",
-           "daemon/transport/holders.c", "daemon/transport/fdwait.c", "daemon/shared/interrupt.c"]
+           "daemon/transport/holders.c", "daemon/transport/fdwait.c"]
 # Helpers the protocol files may have split out (linked when present).
 OPTIONAL_SOURCES = ["daemon/proto/stream.c"]
 CFLAGS = ["-std=gnu11", "-g", "-Wall", "-Wextra", "-Wshadow", "-Wmissing-prototypes",
