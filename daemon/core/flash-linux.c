@@ -106,6 +106,10 @@ static int run_tool(struct job *j, const char *mode, const uint8_t *data, size_t
         if (n <= 0)
                 return n < 0 ? -errno : -EIO;
         self[n] = '\0';
+        /* Upgraded while running: the new binary at the same path speaks
+         * the same two options. */
+        if ((size_t) n > strlen(" (deleted)") && streq(self + n - strlen(" (deleted)"), " (deleted)"))
+                self[n - strlen(" (deleted)")] = '\0';
         slash = strrchr(l->program, '/');
         if (!slash)
                 return -EINVAL;
