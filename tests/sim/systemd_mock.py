@@ -334,8 +334,11 @@ def StartTransientUnit(self, name, mode, properties, aux, sender=None):
     if proc is None:
         GLib.idle_add(exited, 203)      # systemd's EXIT_EXEC
     else:
-        GLib.child_watch_add(GLib.PRIORITY_DEFAULT, proc.pid,
-                             lambda pid, status: exited(os.waitstatus_to_exitcode(status)))
+        # Reaped by Popen only (a GLib child watch would race with Popen's
+        # own waitpid and could see a failed command as status 0).
+        def poll():
+            return True if proc.poll() is None else exited(proc.returncode)
+        GLib.timeout_add(20, poll)
     return dbus.ObjectPath(job["path"])
 
 
