@@ -425,11 +425,13 @@ static int collect_result(JobWait *w) {
         JobInfo final = {};
         int r;
 
+        /* The object may be gone, or the whole daemon (it exits right
+         * after its last job when it is stopped): Finished said enough. */
         r = client_get_job_info(w->bus, w->job_path, &final);
         if (r >= 0) {
                 job_info_done(&w->info);
                 w->info = final;
-        } else if (r != -ENXIO)
+        } else if (r != -ENXIO && !w->finished_by_signal)
                 return r;
 
         if (w->finished_by_signal && !job_state_is_final(w->info.state)) {

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "core/daemon.h"
+#include "core/flash-internal.h"
 #include "shared/log.h"
 #include "build-config.h"
 
@@ -21,11 +22,14 @@ static void help(void) {
 }
 
 int main(int argc, char *argv[]) {
-        enum { ARG_VERSION = 0x100 };
+        enum { ARG_VERSION = 0x100, ARG_INSTALL_PROGRAM, ARG_RESTORE_PROGRAM };
         static const struct option options[] = {
                 { "config", required_argument, NULL, 'c' },
                 { "verbose", no_argument, NULL, 'v' },
                 { "version", no_argument, NULL, ARG_VERSION },
+                /* Internal: the daemon runs these in a transient unit. */
+                { "install-program", required_argument, NULL, ARG_INSTALL_PROGRAM },
+                { "restore-program", required_argument, NULL, ARG_RESTORE_PROGRAM },
                 { "help", no_argument, NULL, 'h' },
                 {}
         };
@@ -47,6 +51,10 @@ int main(int argc, char *argv[]) {
                 case 'h':
                         help();
                         return EXIT_SUCCESS;
+                case ARG_INSTALL_PROGRAM:
+                        return flash_linux_tool("install", optarg);
+                case ARG_RESTORE_PROGRAM:
+                        return flash_linux_tool("restore", optarg);
                 default:
                         fprintf(stderr, "Try 'mcuflashd --help'.\n");
                         return 2;
@@ -68,6 +76,12 @@ int main(int argc, char *argv[]) {
         r = daemon_run(d);
         if (r < 0) {
                 log_error_errno(r, "Exiting after a fatal error: %m");
+                return EXIT_FAILURE;
+        }
+        if (d->forced_exit) {
+                /* Jobs were cut short: their worker threads may still be
+                 * talking to an MCU.  exit() ends them; freeing would wait. */
+                TAKE_PTR(d);
                 return EXIT_FAILURE;
         }
         return EXIT_SUCCESS;

@@ -71,3 +71,7 @@ void daemon_set_host_version(struct daemon *d, const char *version);
 /* klippy's software_version while Klipper runs (it wins over the checkout);
  * NULL once Klipper does not run: the checkout is read again. */
 void daemon_set_klippy_version(struct daemon *d, const char *version);
+
+/* Shutdown (daemon.c): a job concluded while stopping; exit once none is
+ * left, else say how many are (sd_notify STATUS=). */
+void daemon_stop_progress(struct daemon *d);

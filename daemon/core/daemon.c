@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <systemd/sd-daemon.h>
 
@@ -448,6 +449,10 @@ struct daemon *daemon_free(struct daemon *d) {
                 event_free(d->sigterm_event);
         if (d->sigint_event)
                 event_free(d->sigint_event);
+        if (d->stop_deadline)
+                event_free(d->stop_deadline);
+        if (d->watchdog_timer)
+                event_free(d->watchdog_timer);
         if (d->base)
                 event_base_free(d->base);
         printercfg_free(d->printercfg);
@@ -460,12 +465,124 @@ struct daemon *daemon_free(struct daemon *d) {
         return NULL;
 }
 
-static void on_signal(evutil_socket_t sig, short what, void *userdata) {
+/* ---- stopping ---------------------------------------------------------- */
+
+static unsigned daemon_active_jobs(struct daemon *d) {
+        unsigned n = 0;
+
+        for (struct job *j = d->jobs; j; j = j->next)
+                if (job_is_active(j))
+                        n++;
+        return n;
+}
+
+/* How long the bus is still served after the last job ended. */
+#define STOP_GRACE_USEC (500 * 1000)
+
+static void on_stop_grace_over(evutil_socket_t fd, short what, void *userdata) {
         struct daemon *d = userdata;
 
-        log_info("Received %s, shutting down.", strsignal((int) sig));
-        (void) sd_notify(false, "STOPPING=1");
         event_base_loopbreak(d->base);
+}
+
+void daemon_stop_progress(struct daemon *d) {
+        unsigned n;
+
+        if (!d->stopping || d->forced_exit)
+                return;
+        n = daemon_active_jobs(d);
+        if (n == 0) {
+                /* Clients that saw Finished read the job's final properties
+                 * next: answer them a moment longer. */
+                const struct timeval grace = { .tv_sec = 0, .tv_usec = d->jobs ? STOP_GRACE_USEC : 0 };
+
+                log_info("No job is running; exiting.");
+                (void) sd_notify(false, "STATUS=Exiting");
+                if (event_base_once(d->base, -1, EV_TIMEOUT, on_stop_grace_over, d, &grace) < 0)
+                        event_base_loopbreak(d->base);
+                return;
+        }
+        (void) sd_notifyf(false, "STOPPING=1\nSTATUS=Stopping: waiting for %u job(s) to reach a safe point "
+                          "and for Klipper to be started again", n);
+}
+
+/* Exit now: a second signal or the deadline.  Klipper is still started
+ * again where a job stopped it (systemd carries that out on its own). */
+static void daemon_force_stop(struct daemon *d, const char *why) {
+        log_warning("%s: exiting with %u job(s) not finished.", why, daemon_active_jobs(d));
+        for (struct job *j = d->jobs; j; j = j->next) {
+                if (!job_is_active(j))
+                        continue;
+                log_warning("job %u (%s %s) cut short in phase %s; see 'mcuflashctl status' for where the MCU "
+                            "is.", j->number, j->kind, j->mcu_id, j->phase);
+                job_start_klipper_now(j);
+        }
+        if (d->bus)
+                (void) sd_bus_flush(d->bus);
+        (void) sd_notify(false, "STATUS=Exiting before every job ended");
+        d->forced_exit = true;
+        event_base_loopbreak(d->base);
+}
+
+static void on_stop_deadline(evutil_socket_t fd, short what, void *userdata) {
+        struct daemon *d = userdata;
+
+        daemon_force_stop(d, "The jobs did not end in time");
+}
+
+static void daemon_stop(struct daemon *d, int sig) {
+        const struct timeval tv = {
+                .tv_sec = (time_t) (DAEMON_STOP_TIMEOUT_USEC / 1000000),
+                .tv_usec = (suseconds_t) (DAEMON_STOP_TIMEOUT_USEC % 1000000),
+        };
+
+        if (d->stopping) {
+                log_info("Received %s again.", strsignal(sig));
+                daemon_force_stop(d, "Asked to stop again");
+                return;
+        }
+        log_info("Received %s, shutting down.", strsignal(sig));
+        d->stopping = true;
+        (void) sd_notify(false, "STOPPING=1\nSTATUS=Stopping");
+        d->stop_deadline = evtimer_new(d->base, on_stop_deadline, d);
+        if (!d->stop_deadline || evtimer_add(d->stop_deadline, &tv) < 0)
+                log_oom();
+        for (struct job *j = d->jobs; j; j = j->next)
+                job_shutdown(j);
+        bus_kick(d);
+        daemon_stop_progress(d);
+}
+
+static void on_signal(evutil_socket_t sig, short what, void *userdata) {
+        daemon_stop(userdata, (int) sig);
+}
+
+/* ---- watchdog ---------------------------------------------------------- */
+
+static void on_watchdog(evutil_socket_t fd, short what, void *userdata) {
+        (void) sd_notify(false, "WATCHDOG=1");
+}
+
+/* A timer on the loop itself: a loop that hangs stops the pings, and
+ * systemd kills and restarts the daemon. */
+static int daemon_watchdog_start(struct daemon *d) {
+        uint64_t usec;
+        struct timeval tv;
+        int r;
+
+        r = sd_watchdog_enabled(false, &usec);
+        if (r < 0)
+                return log_warning_errno(r, "Ignoring systemd's watchdog setting: %m");
+        if (r == 0)
+                return 0;
+        usec /= 2;
+        tv = (struct timeval) { .tv_sec = (time_t) (usec / 1000000), .tv_usec = (suseconds_t) (usec % 1000000) };
+        d->watchdog_timer = event_new(d->base, -1, EV_PERSIST, on_watchdog, d);
+        if (!d->watchdog_timer || evtimer_add(d->watchdog_timer, &tv) < 0)
+                return log_error_errno(ENOMEM, "Cannot arm the watchdog timer: %m");
+        log_debug("Pinging systemd's watchdog every %.1f s.", (double) usec / 1e6);
+        (void) sd_notify(false, "WATCHDOG=1");
+        return 0;
 }
 
 int daemon_run(struct daemon *d) {
@@ -521,6 +638,9 @@ int daemon_run(struct daemon *d) {
 
         (void) sd_notify(false, "READY=1\nSTATUS=Watching for MCUs");
         log_info("mcuflashd " PACKAGE_VERSION " running.");
+        r = daemon_watchdog_start(d);
+        if (r < 0)
+                return r;
 
         if (event_base_dispatch(d->base) < 0)
                 return log_error_errno(EIO, "Event loop failed: %m");

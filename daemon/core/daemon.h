@@ -72,6 +72,10 @@ struct daemon {
         struct event *sigterm_event;
         struct event *sigint_event;
         int exit_code;
+        bool stopping;                  /* SIGTERM/SIGINT: jobs end at their next safe point, then exit */
+        bool forced_exit;               /* exited before every job ended (second signal, deadline) */
+        struct event *stop_deadline;
+        struct event *watchdog_timer;   /* WATCHDOG=1 at half of systemd's WatchdogSec= */
 };
 
 /* Read the configuration, create the loop and the registry, start reading
@@ -81,8 +85,17 @@ int daemon_new(const char *config_path, struct daemon **ret);
 struct daemon *daemon_free(struct daemon *d);
 DEFINE_TRIVIAL_CLEANUP_FUNC(struct daemon *, daemon_free);
 
+/* How long SIGTERM/SIGINT waits for jobs to reach a safe point and for
+ * Klipper to be started again before the daemon exits anyway; the unit's
+ * TimeoutStopSec= is longer. */
+#define DAEMON_STOP_TIMEOUT_USEC (90ULL * 1000000ULL)
+
 /* Connect to the system bus, export the objects, take the name, start
- * discovery, tell systemd we are ready, and run until SIGTERM/SIGINT. */
+ * discovery, tell systemd we are ready, and run until SIGTERM/SIGINT.  Then
+ * every job stops at its next safe point, Klipper is started again where a
+ * job stopped it, and only then does it return (at the latest after
+ * DAEMON_STOP_TIMEOUT_USEC or a second signal: then d->forced_exit, and
+ * the daemon must not wait for its worker threads). */
 int daemon_run(struct daemon *d);
 
 /* Rescan: re-read printer.cfg and the host version, drop offline MCUs,

@@ -27,6 +27,7 @@ struct flash_linux {
         bool rolling_back;              /* the new program failed; the old one goes back */
         enum mcuflash_error failure_error;
         char *failure;                  /* why the new program was rolled back */
+        int output_fd;                  /* memfd: what the install tool printed */
 };
 
 struct flash {
@@ -66,3 +67,8 @@ void flash_linux_run(struct job *j);
 void flash_linux_mcu_changed(struct job *j, struct mcu *m);
 int flash_linux_cancel(struct job *j);
 void flash_linux_done(struct flash_linux *l);
+
+/* `mcuflashd --install-program=PATH` (@mode "install", image on stdin) or
+ * `--restore-program=PATH` ("restore") (flash-linux-tool.c): the exit
+ * status; the reason for a failure on stdout. */
+int flash_linux_tool(const char *mode, const char *path);

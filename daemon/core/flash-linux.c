@@ -11,12 +11,23 @@
  * restarted once more and the job fails saying whether the old program
  * answers again.  The paths come from [Mcu ID] Program=/Service= in
  * mcuflashd.conf, by default Klipper's /usr/local/bin/klipper_mcu and
- * klipper-mcu.service. */
+ * klipper-mcu.service.
+ *
+ * The daemon cannot write there itself (its unit keeps the file system
+ * read-only): installing and putting back run as `mcuflashd
+ * --install-program=PATH` / `--restore-program=PATH` in a transient
+ * systemd service that may write only the program's directory
+ * (flash-linux-tool.c, unit_run_transient()); its stdout says why it
+ * failed. */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "core/config.h"
 #include "core/daemon-internal.h"
@@ -30,6 +41,110 @@
 
 static void restart_service(struct job *j);
 
+/* ---- the file step, in a transient service --------------------------- */
+
+static int memfd_with(const char *name, const uint8_t *data, size_t size) {
+        _cleanup_close_ int fd = -1;
+
+        fd = memfd_create(name, MFD_CLOEXEC);
+        if (fd < 0)
+                return -errno;
+        for (size_t done = 0; done < size;) {
+                ssize_t n = write(fd, data + done, size - done);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0)
+                        return n < 0 ? -errno : -EIO;
+                done += (size_t) n;
+        }
+        if (lseek(fd, 0, SEEK_SET) < 0)
+                return -errno;
+        return TAKE_FD(fd);
+}
+
+/* What the tool printed (its first line), into @buf. */
+static void tool_output(struct flash_linux *l, char *buf, size_t size) {
+        ssize_t n;
+        char *nl;
+
+        buf[0] = '\0';
+        if (l->output_fd < 0)
+                return;
+        n = pread(l->output_fd, buf, size - 1, 0);
+        if (n <= 0)
+                return;
+        buf[n] = '\0';
+        nl = strchr(buf, '\n');
+        if (nl)
+                *nl = '\0';
+}
+
+/* Why the step failed, for a person: the tool's line, or systemd's. */
+static void tool_failure(struct flash_linux *l, int r, const char *result, char *buf, size_t size) {
+        tool_output(l, buf, size);
+        if (!isempty(buf))
+                return;
+        snprintf(buf, size, "systemd could not run the installer (%s)",
+                 r == -EIO ? strempty(result) : strerror(-r));
+}
+
+/* Run `mcuflashd --MODE-program=PROGRAM` as a transient service. */
+static int run_tool(struct job *j, const char *mode, const uint8_t *data, size_t size, unit_job_fn done) {
+        struct flash *f = j->data;
+        struct flash_linux *l = &f->linux_mcu;
+        _cleanup_free_ char *unit = NULL, *arg = NULL, *dir = NULL;
+        _cleanup_close_ int in = -1;
+        struct unit_transient spec;
+        char self[PATH_MAX];
+        char *argv[3];
+        const char *slash;
+        ssize_t n;
+        int r;
+
+        n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+        if (n <= 0)
+                return n < 0 ? -errno : -EIO;
+        self[n] = '\0';
+        /* Upgraded while running: the new binary at the same path speaks
+         * the same two options. */
+        if ((size_t) n > strlen(" (deleted)") && streq(self + n - strlen(" (deleted)"), " (deleted)"))
+                self[n - strlen(" (deleted)")] = '\0';
+        slash = strrchr(l->program, '/');
+        if (!slash)
+                return -EINVAL;
+        dir = slash == l->program ? strdup("/") : strndup(l->program, (size_t) (slash - l->program));
+        if (!dir || asprintf(&unit, "mcuflashd-%s-program-%d-%u.service", mode, (int) getpid(), j->number) < 0 ||
+            asprintf(&arg, "--%s-program=%s", mode, l->program) < 0)
+                return -ENOMEM;
+
+        in = memfd_with("klipper_mcu", data, size);
+        if (in < 0)
+                return in;
+        safe_close(l->output_fd);
+        l->output_fd = memfd_create("mcuflashd-install-output", MFD_CLOEXEC);
+        if (l->output_fd < 0)
+                return -errno;
+
+        argv[0] = self;
+        argv[1] = arg;
+        argv[2] = NULL;
+        spec = (struct unit_transient) {
+                .unit = unit,
+                .description = streq(mode, "install") ? "mcuflashd: install the Linux MCU's klipper_mcu" :
+                               "mcuflashd: put the previous klipper_mcu back",
+                .argv = argv,
+                .read_write_path = dir,
+                .stdin_fd = in,
+                .stdout_fd = l->output_fd,
+        };
+        r = unit_run_transient(j->daemon->bus, j->daemon->base, &spec, done, j, &l->unit_op);
+        if (r < 0)
+                return r;
+        log_info("job %u: running %s in %s (may write %s only).", j->number, arg, unit, dir);
+        return 0;
+}
+
 void flash_linux_done(struct flash_linux *l) {
         l->unit_op = unit_op_free(l->unit_op);
         if (l->retry)
@@ -38,6 +153,7 @@ void flash_linux_done(struct flash_linux *l) {
         free(l->program);
         free(l->service);
         free(l->failure);
+        l->output_fd = safe_close(l->output_fd);
 }
 
 static void stop_waiting(struct job *j) {
@@ -66,6 +182,26 @@ static void finish_rolled_back(struct job *j, const char *outcome, ...) {
                    r < 0 ? "(out of memory)" : how);
 }
 
+static void on_restored(void *userdata, int r, const char *result) {
+        struct job *j = userdata;
+        struct flash *f = j->data;
+        struct flash_linux *l = &f->linux_mcu;
+        char message[FLASH_MESSAGE_MAX];
+
+        l->unit_op = NULL;
+        if (job_is_finished(j))
+                return;
+        if (r < 0) {
+                tool_failure(l, r, result, message, sizeof(message));
+                job_finish(j, JOB_STATE_FAILED, l->failure_error, "%s; the new program stays at %s, because %s: "
+                           "install a working klipper_mcu there and restart %s.", strempty(l->failure),
+                           l->program, message, l->service);
+                return;
+        }
+        log_info("job %u: the previous program is back at %s.", j->number, l->program);
+        restart_service(j);
+}
+
 /* The new program failed: put the old one back and restart once more. */
 static void roll_back(struct job *j, enum mcuflash_error error, const char *reason, ...) _printf_(3, 4);
 static void roll_back(struct job *j, enum mcuflash_error error, const char *reason, ...) {
@@ -86,14 +222,13 @@ static void roll_back(struct job *j, enum mcuflash_error error, const char *reas
         l->rolling_back = true;
         log_warning("job %u: %s; putting the previous program back.", j->number, strempty(l->failure));
 
-        r = flasher_linux_restore(l->program, message, sizeof(message));
+        r = run_tool(j, "restore", NULL, 0, on_restored);
         if (r < 0) {
+                snprintf(message, sizeof(message), "systemd could not run the installer (%s)", strerror(-r));
                 job_finish(j, JOB_STATE_FAILED, error, "%s; the new program stays at %s, because %s: "
                            "install a working klipper_mcu there and restart %s.", strempty(l->failure),
                            l->program, message, l->service);
-                return;
         }
-        restart_service(j);
 }
 
 /* Has the restarted program answered, fresh, since the restart? */
@@ -218,26 +353,29 @@ static void restart_service(struct job *j) {
                 on_restarted(j, r, NULL);
 }
 
-static void on_installed(void *userdata, int result) {
+static void on_installed(void *userdata, int r, const char *result) {
         struct job *j = userdata;
         struct flash *f = j->data;
         struct flash_linux *l = &f->linux_mcu;
         struct mcu *m = job_mcu(j);
+        char message[FLASH_MESSAGE_MAX];
 
-        if (result == -ECANCELED && !j->cancel_requested)
-                return;         /* daemon shutting down */
+        l->unit_op = NULL;
+        if (job_is_finished(j))
+                return;
         f->flashing = false;
         if (m) {
                 /* The old program runs on until the restart. */
                 mcu_set_state(m, MCU_STATE_APPLICATION);
                 registry_commit(j->daemon->registry, m);
         }
-        if (result < 0) {
-                job_finish(j, result == -ECANCELED ? JOB_STATE_CANCELLED : JOB_STATE_FAILED, flash_error_of(result),
-                           "%s; %s is unchanged and the running klipper_mcu was left alone.",
-                           isempty(f->session.message) ? strerror(-result) : f->session.message, l->program);
+        if (r < 0) {
+                tool_failure(l, r, result, message, sizeof(message));
+                job_finish(j, JOB_STATE_FAILED, r == -EIO ? MCUFLASH_ERROR_PROTOCOL : flash_error_of(r),
+                           "%s; %s is unchanged and the running klipper_mcu was left alone.", message, l->program);
                 return;
         }
+        job_set_progress(j, f->size, f->size);
         restart_service(j);
 }
 
@@ -285,16 +423,9 @@ static void on_service_state(void *userdata, int r, const char *active_state) {
         free(f->data);
         f->data = data;
         f->size = size;
-        f->flasher = &flasher_linux;
-        f->session = (struct flash_session) {
-                .link = FLASH_LINK_FILE,
-                .install_path = l->program,
-                .data = f->data,
-                .size = f->size,
-                .mcu_type = m->mcu_type,
-        };
         job_set_phase(j, JOB_PHASE_WRITING);
-        r = flash_run_flasher(j, on_installed);
+        job_set_progress(j, 0, f->size);
+        r = run_tool(j, "install", f->data, f->size, on_installed);
         if (r < 0) {
                 job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL, "Cannot start installing: %s.",
                            strerror(-r));
@@ -329,8 +460,9 @@ int flash_linux_cancel(struct job *j) {
         struct flash *f = j->data;
 
         /* Before the install job.c cancels by itself (phase "preparing").
-         * While installing, the installer stops before it replaces the
-         * program.  Once the new program is in place it either answers or
-         * is rolled back; neither is cut short. */
-        return f->flashing ? -EBUSY : -EINPROGRESS;
+         * Once systemd runs the installer, it runs to its end (a file copy,
+         * seconds); then the new program either answers or is rolled back;
+         * none of it is cut short. */
+        (void) f;
+        return -EINPROGRESS;
 }

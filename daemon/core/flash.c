@@ -121,7 +121,7 @@ int flash_run_flasher(struct job *j, void (*done)(void *userdata, int result)) {
         f->session.userdata = f;
         f->session.cancel = &j->cancel_requested;
         job_set_progress(j, 0, f->size);
-        return worker_start(j->daemon->workers, flash_worker, done, j);
+        return job_worker_start(j, flash_worker, done);
 }
 
 static void flash_worker_done(void *userdata, int result) {
@@ -357,6 +357,7 @@ int flash_start(struct daemon *d, struct mcu *m, struct image *img, bool force, 
         f = calloc(1, sizeof(*f));
         if (!f)
                 return -ENOMEM;
+        f->linux_mcu.output_fd = -1;
         f->progress_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         f->image_version = strdup(img->dict && img->dict->version ? img->dict->version : "");
         if (f->progress_fd < 0 || !f->image_version) {

@@ -220,13 +220,21 @@ static void job_unlink(struct daemon *d, struct job *j) {
                 }
 }
 
+/* Gone from the list and the bus; freed now, or when its last worker
+ * task has come back (that task's result then goes nowhere). */
+static void job_release(struct job *j) {
+        j->released = true;
+        if (j->n_workers == 0)
+                job_free(j);
+}
+
 static void job_expire(struct job *j) {
         struct daemon *d = j->daemon;
 
         log_debug("job %u expired", j->number);
         bus_job_removed(d, j);
         job_unlink(d, j);
-        job_free(j);
+        job_release(j);
 }
 
 void jobs_free_all(struct daemon *d) {
@@ -234,18 +242,88 @@ void jobs_free_all(struct daemon *d) {
                 struct job *j = d->jobs;
 
                 d->jobs = j->next;
-                job_free(j);
+                job_release(j);
         }
 }
 
 /* A finished job keeps only its result (state, error, message, numbers)
  * for late readers: the image, its memfd, buffers, fds and timers of its
  * work go at once. */
-static void job_release(struct job *j) {
+static void job_drop_work(struct job *j) {
         j->unit_op = unit_op_free(j->unit_op);
+        if (j->n_workers > 0)
+                return;         /* when the last worker task is back (job_task_done) */
         if (j->data && j->ops && j->ops->free)
                 j->ops->free(j);
         j->data = NULL;
+}
+
+/* ---- worker tasks ------------------------------------------------------ */
+
+struct job_task {
+        struct job *job;
+        worker_run_fn run;
+        worker_done_fn done;
+};
+
+static int job_task_run(void *userdata) {
+        struct job_task *t = userdata;
+
+        return t->run(t->job);
+}
+
+static void job_task_done(void *userdata, int result) {
+        struct job_task *t = userdata;
+        struct job *j = t->job;
+        worker_done_fn done = t->done;
+
+        free(t);
+        j->n_workers--;
+        if (j->released) {
+                log_debug("job %u: a worker came back after the job was gone (%d); dropped.", j->number, result);
+                if (j->n_workers == 0)
+                        job_free(j);
+                return;
+        }
+        done(j, result);
+        if (j->n_workers == 0 && job_is_finished(j))
+                job_drop_work(j);
+}
+
+int job_worker_start(struct job *j, worker_run_fn run, worker_done_fn done) {
+        struct job_task *t;
+        int r;
+
+        t = malloc(sizeof(*t));
+        if (!t)
+                return -ENOMEM;
+        *t = (struct job_task) { .job = j, .run = run, .done = done };
+        r = worker_start_cancellable(j->daemon->workers, job_task_run, job_task_done, t, &j->cancel_requested);
+        if (r < 0) {
+                free(t);
+                return r;
+        }
+        j->n_workers++;
+        return 0;
+}
+
+/* When the daemon stops: one line per job saying where its MCU is. */
+static void job_log_where_left(struct job *j, struct mcu *m) {
+        const char *name = m && !isempty(m->name) ? m->name : j->mcu_id;
+
+        if (!m)
+                log_notice("MCU %s is gone (job %u %s).", name, j->number, j->state);
+        else if (m->state_id == MCU_STATE_BOOTLOADER)
+                log_notice("MCU %s left in its bootloader (%s): flash again with 'mcuflashctl flash %s FILE', "
+                           "or 'mcuflashctl reboot %s' starts what is in its flash (job %u %s).",
+                           name, m->bootloader, name, name, j->number, j->state);
+        else if (m->state_id == MCU_STATE_APPLICATION)
+                log_notice("MCU %s back in its application (%s%s%s; job %u %s).", name, m->firmware,
+                           isempty(m->firmware_version) ? "" : " ", strempty(m->firmware_version), j->number,
+                           j->state);
+        else
+                log_notice("MCU %s left in state %s%s%s (job %u %s).", name, m->state,
+                           isempty(m->state_reason) ? "" : ": ", strempty(m->state_reason), j->number, j->state);
 }
 
 /* The job is over for D-Bus: final state, MCU free, Finished, retention. */
@@ -260,9 +338,13 @@ static void job_conclude(struct job *j, enum job_state state) {
                 registry_commit(d->registry, m);
         }
         bus_job_finished(d, j);
-        job_release(j);
+        job_drop_work(j);
         if (job_arm_timeout(j, d->config->job_retention_usec, job_expire) < 0)
                 log_oom();
+        if (d->stopping) {
+                job_log_where_left(j, m);
+                daemon_stop_progress(d);
+        }
 }
 
 static void on_klipper_started(void *userdata, int result, const char *job_result) {
@@ -289,6 +371,14 @@ void job_finish(struct job *j, enum job_state state, enum mcuflash_error error, 
                 if (vasprintf(&message, fmt, ap) < 0)
                         message = NULL;
                 va_end(ap);
+                if (message && j->shutting_down && state == JOB_STATE_CANCELLED) {
+                        char *stopped = NULL;
+
+                        if (asprintf(&stopped, "mcuflashd is stopping: %s", message) >= 0) {
+                                free(message);
+                                message = stopped;
+                        }
+                }
                 (void) free_and_strdup(&j->error, mcuflash_error_name(error));
                 /* May quote outside text (a dictionary, a bootloader's reply). */
                 (void) free_and_strdup_utf8(&j->error_message, message ?: "");
@@ -319,7 +409,11 @@ int job_cancel(struct job *j) {
                 return -EALREADY;
         j->cancel_requested = true;
         if (j->phase_id == JOB_PHASE_STOPPING_KLIPPER || j->phase_id == JOB_PHASE_PREPARING) {
-                /* Nothing has been sent to the MCU yet. */
+                /* Nothing has been sent to the MCU yet.  systemd carries
+                 * out a stop it has been asked for even when nobody waits
+                 * for it: Klipper is started again. */
+                if (j->phase_id == JOB_PHASE_STOPPING_KLIPPER && j->unit_op)
+                        j->restart_klipper = true;
                 j->unit_op = unit_op_free(j->unit_op);
                 job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
                            "Cancelled before anything was sent to the MCU.");
@@ -329,6 +423,40 @@ int job_cancel(struct job *j) {
         if (r == -EINPROGRESS)
                 j->cancel_requested = false;    /* it will not stop */
         return r;
+}
+
+void job_shutdown(struct job *j) {
+        int r;
+
+        if (j->phase_id == JOB_PHASE_DONE || j->shutting_down)
+                return;
+        j->shutting_down = true;
+        if (j->phase_id == JOB_PHASE_STARTING_KLIPPER)
+                return;         /* only Klipper is being started again: wait for that */
+        if (job_is_finished(j))
+                return;
+        r = job_cancel(j);
+        if (r == -EBUSY)
+                log_info("job %u (%s %s): stopping at its next safe point.", j->number, j->kind, j->mcu_id);
+        else if (r == -EINPROGRESS)
+                log_info("job %u (%s %s): past its last safe point; waiting for it to end.", j->number, j->kind,
+                         j->mcu_id);
+        else if (r < 0 && r != -EALREADY)
+                log_warning_errno(r, "job %u (%s %s): cannot stop it: %m", j->number, j->kind, j->mcu_id);
+}
+
+bool job_is_active(const struct job *j) {
+        return j->phase_id != JOB_PHASE_DONE;
+}
+
+void job_start_klipper_now(struct job *j) {
+        struct daemon *d = j->daemon;
+
+        if (!j->restart_klipper && !(j->phase_id == JOB_PHASE_STARTING_KLIPPER && j->unit_op))
+                return;
+        j->restart_klipper = false;
+        j->unit_op = unit_op_free(j->unit_op);
+        unit_start_detached(d->bus, d->config->klipper_service);
 }
 
 /* Start the job's own work, unless it was cancelled meanwhile. */
@@ -396,6 +524,8 @@ int job_start(struct daemon *d, struct mcu *m, enum job_kind kind, const struct 
         bool held;
         int r;
 
+        if (d->stopping)
+                return -ESHUTDOWN;
         if (!streq(m->job, "/"))
                 return -EBUSY;
         j = calloc(1, sizeof(*j));

@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "bus/errors.h"
+#include "core/worker.h"
 #include "shared/macro.h"
 
 struct daemon;
@@ -105,8 +106,11 @@ struct job {
         const struct job_ops *ops;
         void *data;
         atomic_bool cancel_requested;   /* read by worker code at safe points */
+        bool shutting_down;             /* the daemon stops: end at the next safe point */
         bool restart_klipper;           /* we stopped Klipper for this job */
         bool waiting_for_link;          /* ops->run() waits for an identify to let go of the port */
+        unsigned n_workers;             /* worker tasks started by job_worker_start() still out */
+        bool released;                  /* off the list; freed when the last worker is back */
         struct unit_op *unit_op;
         struct event *timer;            /* the job's own timeout, then retention */
         struct job *next;
@@ -138,6 +142,25 @@ void job_finish(struct job *j, enum job_state state, enum mcuflash_error error, 
  * -EINPROGRESS (past the last point where it could stop: it runs to its
  * end), -EALREADY (finished already, or only Klipper is being started). */
 int job_cancel(struct job *j);
+
+/* The daemon stops: end @j at its next safe point (a cancel that says so
+ * in its message), or let it run to its end when it is past its last one,
+ * or let Klipper's start finish.  The job concludes as usual. */
+void job_shutdown(struct job *j);
+
+/* Has @j not concluded yet (its Klipper start included)? */
+bool job_is_active(const struct job *j);
+
+/* The stop deadline passed: if Klipper was stopped for @j and is not
+ * started again yet, ask systemd to start it without waiting for the
+ * answer (systemd carries the job out after the daemon exits). */
+void job_start_klipper_now(struct job *j);
+
+/* Run @run(@j) in a worker with @j's cancel flag (interruptible sleeps stop
+ * at a cancel), then @done(@j, result) on the loop — unless the job is
+ * gone by then: the job's memory lives until its last task is back, and
+ * that task's result is dropped. */
+int job_worker_start(struct job *j, worker_run_fn run, worker_done_fn done);
 
 /* Arm the job's timeout: @on_timeout runs on the loop after @usec. */
 int job_arm_timeout(struct job *j, uint64_t usec, void (*on_timeout)(struct job *j));

@@ -28,6 +28,7 @@
 #include "proto/dfu.h"
 #include "proto/katapult.h"
 #include "proto/picoboot.h"
+#include "shared/interrupt.h"
 #include "shared/log.h"
 #include "transport/can.h"
 #include "transport/serial.h"
@@ -72,7 +73,9 @@ static int request_bootloader_uart(struct reboot *rb) {
         if (r < 0)
                 return r;
         /* Katapult's own flashtool waits a second for the reset. */
-        usleep(1000 * 1000);
+        r = interruptible_sleep_msec(1000);
+        if (r < 0)
+                return r;
         r = serial_transport_open(rb->device_path, rb->baud, &t);
         if (r < 0)
                 return r;
@@ -157,9 +160,18 @@ static void reboot_stop_rescans(struct reboot *rb) {
 
 static void reboot_succeed(struct job *j, struct mcu *m) {
         struct reboot *rb = j->data;
+        char where[256];
 
         reboot_stop_rescans(rb);
         job_disarm_timeout(j);
+        if (j->cancel_requested && rb->to_bootloader && rb->reached) {
+                /* Cancelled on the way (the daemon stops): the bootloader is
+                 * the safe point, nothing more is sent. */
+                describe_mcu(m, where, sizeof(where));
+                job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
+                           "Cancelled once the MCU reached its bootloader; %s.", where);
+                return;
+        }
         if (rb->reached) {
                 rb->reached(j);
                 return;
@@ -199,11 +211,11 @@ static void on_reboot_timeout(struct job *j) {
         reboot_stop_rescans(rb);
         describe_mcu(m, where, sizeof(where));
         if (rb->to_bootloader)
-                job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
+                job_finish(j, j->cancel_requested ? JOB_STATE_CANCELLED : JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
                            "The MCU did not appear in a bootloader within %.0f s; %s.",
                            j->daemon->config->bootloader_timeout_usec / 1e6, where);
         else
-                job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
+                job_finish(j, j->cancel_requested ? JOB_STATE_CANCELLED : JOB_STATE_FAILED, MCUFLASH_ERROR_TIMEOUT,
                            "Klipper did not answer within %.0f s after leaving the bootloader; %s.",
                            j->daemon->config->bootloader_timeout_usec / 1e6, where);
 }
@@ -259,12 +271,21 @@ static void reboot_worker_done(void *userdata, int result) {
         struct mcu *m;
         char where[256];
 
-        if (result == -ECANCELED)
-                return;         /* daemon shutting down */
+        if (result == -ECANCELED && !j->cancel_requested)
+                return;         /* the worker pool is going away */
         rb->worker_running = false;
         m = job_mcu(j);
         if (m)
                 m->link_busy = false;
+
+        if (result == -ECANCELED) {
+                /* A cancel cut a pause in the request short. */
+                describe_mcu(m, where, sizeof(where));
+                job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
+                           "Cancelled while %s; %s.", rb->to_bootloader ? "asking for the bootloader" :
+                           "leaving the bootloader", where);
+                return;
+        }
 
         if (result < 0) {
                 describe_mcu(m, where, sizeof(where));
@@ -296,7 +317,7 @@ static void reboot_worker_done(void *userdata, int result) {
                 identify_apply_katapult(m, &rb->katapult, 0, rb->device_path, j->daemon->host_version);
                 registry_commit(j->daemon->registry, m);
         }
-        if (j->cancel_requested) {
+        if (j->cancel_requested && !j->shutting_down) {
                 describe_mcu(m, where, sizeof(where));
                 job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED,
                            "Cancelled after the request was sent; %s.", where);
@@ -346,7 +367,7 @@ void reboot_run(struct job *j) {
         if (m->transport_id == MCU_TRANSPORT_CAN)
                 (void) canbus_uuid_from_string(m->can_uuid, rb->uuid);
 
-        r = worker_start(j->daemon->workers, reboot_run_worker, reboot_worker_done, j);
+        r = job_worker_start(j, reboot_run_worker, reboot_worker_done);
         if (r < 0) {
                 job_finish(j, JOB_STATE_FAILED, MCUFLASH_ERROR_PROTOCOL, "Cannot start the job: %s.", strerror(-r));
                 return;
@@ -375,6 +396,11 @@ int reboot_cancel(struct job *j) {
 
         if (rb->worker_running)
                 return -EBUSY;  /* the request is on its way; stops right after */
+        /* When the daemon stops, an MCU that was sent somewhere is let to
+         * arrive (or the step to time out), so that where it is left is
+         * known: not cut off while it re-enumerates. */
+        if (j->shutting_down && j->timer)
+                return -EBUSY;
         reboot_stop_rescans(rb);
         describe_mcu(m, where, sizeof(where));
         job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED, "Cancelled while waiting; %s.", where);
@@ -402,6 +428,9 @@ int reboot_check(struct daemon *d, struct mcu *m, bool to_bootloader, bool stop_
                 return r < 0 ? -ENOMEM : -EPERM;                        \
         } while (0)
 
+        if (d->stopping)
+                REFUSE(MCUFLASH_ERROR_BUSY, "mcuflashd is stopping; %s is left alone. Try again once it runs "
+                       "again.", name);
         if (streq(d->printer_state, "printing") || streq(d->printer_state, "paused"))
                 REFUSE(MCUFLASH_ERROR_PRINTING, "The printer is %s; %s is not rebooted during a print.",
                        d->printer_state, name);

@@ -15,9 +15,11 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 
 #include "core/units.h"
 #include "shared/log.h"
+#include "shared/strutil.h"
 
 #define SYSTEMD_SERVICE "org.freedesktop.systemd1"
 #define SYSTEMD_PATH "/org/freedesktop/systemd1"
@@ -31,6 +33,7 @@ enum unit_op_kind {
         UNIT_OP_START,
         UNIT_OP_STOP,
         UNIT_OP_RESTART,
+        UNIT_OP_TRANSIENT,
 };
 
 static const char *const op_verb[] = {
@@ -38,6 +41,7 @@ static const char *const op_verb[] = {
         [UNIT_OP_START] = "start",
         [UNIT_OP_STOP] = "stop",
         [UNIT_OP_RESTART] = "restart",
+        [UNIT_OP_TRANSIENT] = "run",
 };
 
 static const char *const op_done[] = {
@@ -45,12 +49,14 @@ static const char *const op_done[] = {
         [UNIT_OP_START] = "Started",
         [UNIT_OP_STOP] = "Stopped",
         [UNIT_OP_RESTART] = "Restarted",
+        [UNIT_OP_TRANSIENT] = "Ran",
 };
 
 static const char *const op_method[] = {
         [UNIT_OP_START] = "StartUnit",
         [UNIT_OP_STOP] = "StopUnit",
         [UNIT_OP_RESTART] = "RestartUnit",
+        [UNIT_OP_TRANSIENT] = "StartTransientUnit",
 };
 
 /* A JobRemoved for our unit seen before StartUnit/StopUnit's reply. */
@@ -76,6 +82,12 @@ struct unit_op {
         char *job;                      /* the job's path once systemd queued it */
         struct early_job *early;
         size_t n_early;
+
+        /* StartTransientUnit: what the service runs. */
+        char **argv;
+        char *description;
+        char *read_write_path;
+        int stdin_fd, stdout_fd;
 };
 
 static void early_jobs_clear(struct unit_op *op) {
@@ -96,6 +108,11 @@ struct unit_op *unit_op_free(struct unit_op *op) {
         if (op->timer)
                 event_free(op->timer);
         early_jobs_clear(op);
+        strv_free(op->argv);
+        free(op->description);
+        free(op->read_write_path);
+        safe_close(op->stdin_fd);
+        safe_close(op->stdout_fd);
         free(op->job);
         free(op->unit_path);
         free(op->unit);
@@ -215,6 +232,7 @@ static int unit_op_new(sd_bus *bus, struct event_base *base, const char *unit, e
                 return -ENOMEM;
         op->bus = sd_bus_ref(bus);
         op->kind = kind;
+        op->stdin_fd = op->stdout_fd = -1;
         op->unit = strdup(unit);
         if (!op->unit)
                 return -ENOMEM;
@@ -426,6 +444,69 @@ static int on_job_queued(sd_bus_message *reply, void *userdata, sd_bus_error *re
         return 0;
 }
 
+/* The properties of a oneshot service that runs op->argv with the given
+ * stdin/stdout, in a sandbox that may write only op->read_write_path. */
+static int unit_op_call_transient(struct unit_op *op) {
+        /* CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID: a new file
+         * with the old one's owner and mode in a root-owned directory. */
+        const uint64_t caps = (1ULL << 0) | (1ULL << 1) | (1ULL << 3) | (1ULL << 4);
+        _cleanup_(sd_bus_message_unrefp) sd_bus_message *m = NULL;
+        int r;
+
+        r = sd_bus_message_new_method_call(op->bus, &m, SYSTEMD_SERVICE, SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE,
+                                           "StartTransientUnit");
+        if (r < 0)
+                return r;
+        r = sd_bus_message_append(m, "ss", op->unit, "fail");
+        if (r < 0)
+                return r;
+        r = sd_bus_message_open_container(m, 'a', "(sv)");
+        if (r < 0)
+                return r;
+        r = sd_bus_message_append(m, "(sv)(sv)(sv)(sv)(sv)(sv)(sv)(sv)(sv)(sv)(sv)(sv)(sv)",
+                                  "Description", "s", op->description,
+                                  "Type", "s", "oneshot",
+                                  "CollectMode", "s", "inactive-or-failed",
+                                  "StandardInputFileDescriptor", "h", op->stdin_fd,
+                                  "StandardOutputFileDescriptor", "h", op->stdout_fd,
+                                  "StandardError", "s", "journal",
+                                  "ProtectSystem", "s", "strict",
+                                  "ProtectHome", "s", "read-only",
+                                  "PrivateTmp", "b", 1,
+                                  "PrivateNetwork", "b", 1,
+                                  "NoNewPrivileges", "b", 1,
+                                  "CapabilityBoundingSet", "t", caps,
+                                  "ReadWritePaths", "as", 1, op->read_write_path);
+        if (r < 0)
+                return r;
+        r = sd_bus_message_open_container(m, 'r', "sv");
+        if (r >= 0)
+                r = sd_bus_message_append(m, "s", "ExecStart");
+        if (r >= 0)
+                r = sd_bus_message_open_container(m, 'v', "a(sasb)");
+        if (r >= 0)
+                r = sd_bus_message_open_container(m, 'a', "(sasb)");
+        if (r >= 0)
+                r = sd_bus_message_open_container(m, 'r', "sasb");
+        if (r >= 0)
+                r = sd_bus_message_append(m, "s", op->argv[0]);
+        if (r >= 0)
+                r = sd_bus_message_append_strv(m, op->argv);
+        if (r >= 0)
+                r = sd_bus_message_append(m, "b", 0);
+        for (unsigned i = 0; r >= 0 && i < 5; i++)
+                r = sd_bus_message_close_container(m);
+        if (r >= 0)
+                r = sd_bus_message_append(m, "a(sa(sv))", 0);
+        if (r < 0)
+                return r;
+        op->call_slot = sd_bus_slot_unref(op->call_slot);
+        r = sd_bus_call_async(op->bus, &op->call_slot, m, on_job_queued, op, op->timeout_usec);
+        if (r < 0)
+                return log_warning_errno(r, "Cannot call systemd's StartTransientUnit for %s: %m", op->unit);
+        return 0;
+}
+
 static int on_subscribed(sd_bus_message *reply, void *userdata, sd_bus_error *ret_error) {
         struct unit_op *op = userdata;
         const sd_bus_error *error;
@@ -439,9 +520,12 @@ static int on_subscribed(sd_bus_message *reply, void *userdata, sd_bus_error *re
                 unit_op_finish(op, unit_op_error(op, error), NULL);
                 return 0;
         }
-        r = unit_op_call(op, SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE,
-                         op_method[op->kind], on_job_queued,
-                         "ss", op->unit, "replace");
+        if (op->kind == UNIT_OP_TRANSIENT)
+                r = unit_op_call_transient(op);
+        else
+                r = unit_op_call(op, SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE,
+                                 op_method[op->kind], on_job_queued,
+                                 "ss", op->unit, "replace");
         if (r < 0)
                 unit_op_finish(op, r, NULL);
         return 0;
@@ -499,7 +583,53 @@ int unit_stop(sd_bus *bus, struct event_base *base, const char *unit, unit_job_f
         return unit_job_async(bus, base, unit, UNIT_OP_STOP, cb, userdata, ret);
 }
 
+int unit_run_transient(sd_bus *bus, struct event_base *base, const struct unit_transient *spec, unit_job_fn cb,
+                       void *userdata, struct unit_op **ret) {
+        _cleanup_(unit_op_freep) struct unit_op *op = NULL;
+        int r;
+
+        assert(spec && spec->argv && spec->argv[0]);
+
+        r = unit_job_async(bus, base, spec->unit, UNIT_OP_TRANSIENT, cb, userdata, &op);
+        if (r < 0)
+                return r;
+        r = strv_copy(spec->argv, &op->argv);
+        if (r < 0)
+                return r;
+        op->description = strdup(spec->description);
+        op->read_write_path = strdup(spec->read_write_path);
+        if (!op->description || !op->read_write_path)
+                return -ENOMEM;
+        op->stdin_fd = fcntl(spec->stdin_fd, F_DUPFD_CLOEXEC, 3);
+        op->stdout_fd = fcntl(spec->stdout_fd, F_DUPFD_CLOEXEC, 3);
+        if (op->stdin_fd < 0 || op->stdout_fd < 0)
+                return -errno;
+        *ret = TAKE_PTR(op);
+        return 0;
+}
+
 int unit_restart(sd_bus *bus, struct event_base *base, const char *unit, unit_job_fn cb, void *userdata,
                  struct unit_op **ret) {
         return unit_job_async(bus, base, unit, UNIT_OP_RESTART, cb, userdata, ret);
+}
+
+/* --- fire and forget -------------------------------------------------------- */
+
+void unit_start_detached(sd_bus *bus, const char *unit) {
+        int r;
+
+        if (!bus || isempty(unit))
+                return;
+        /* No reply wanted: systemd queues the job all the same. */
+        r = sd_bus_call_method_async(bus, NULL, SYSTEMD_SERVICE, SYSTEMD_PATH, SYSTEMD_MANAGER_INTERFACE,
+                                     "StartUnit", NULL, NULL, "ss", unit, "replace");
+        if (r < 0) {
+                log_error_errno(r, "Cannot ask systemd to start %s: %m; start it by hand.", unit);
+                return;
+        }
+        r = sd_bus_flush(bus);
+        if (r < 0)
+                log_error_errno(r, "Cannot ask systemd to start %s: %m; start it by hand.", unit);
+        else
+                log_notice("Asked systemd to start %s again.", unit);
 }

@@ -83,6 +83,35 @@ int unit_stop(sd_bus *bus, struct event_base *base, const char *unit, unit_job_f
 int unit_restart(sd_bus *bus, struct event_base *base, const char *unit, unit_job_fn cb, void *userdata,
                  struct unit_op **ret);
 
+/* A oneshot service that runs one program in its own sandbox: the file
+ * system read-only but for @read_write_path, no network, no new
+ * privileges, only the capabilities to replace a file keeping its owner
+ * and mode.  The fds become its stdin and stdout (they are duplicated:
+ * the caller keeps its own). */
+struct unit_transient {
+        const char *unit;               /* "NAME.service", new */
+        const char *description;
+        char * const *argv;             /* argv[0]: absolute path */
+        const char *read_write_path;
+        int stdin_fd;
+        int stdout_fd;
+};
+
+/**
+ * unit_run_transient() - StartTransientUnit and wait until it ran
+ *
+ * As unit_start(): @cb gets 0 when the program exited 0 (the start job's
+ * result "done"), -EIO with "failed" when it exited otherwise.  The unit
+ * is garbage-collected by systemd afterwards (CollectMode=).
+ */
+int unit_run_transient(sd_bus *bus, struct event_base *base, const struct unit_transient *spec, unit_job_fn cb,
+                       void *userdata, struct unit_op **ret);
+
+/* Ask systemd to start @unit and return at once: the request is on the
+ * bus when this returns (sd_bus_flush), no answer is waited for.  For a
+ * daemon that exits now; failures are only logged. */
+void unit_start_detached(sd_bus *bus, const char *unit);
+
 /* Give a pending operation a new deadline, @timeout_usec from now, instead
  * of UNIT_OP_TIMEOUT_USEC from its start.  0 → -EINVAL. */
 int unit_op_set_timeout(struct unit_op *op, uint64_t timeout_usec);

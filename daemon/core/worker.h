@@ -1,12 +1,13 @@
 /* Worker threads: run one piece of blocking code (an identify probe, later a
  * flash job) in its own thread and hand the result back to the main loop.
- * The thread writes a pointer to its finished task into a pipe that the
- * libevent loop watches; the completion callback then runs on the main
- * thread, where touching the registry and D-Bus is allowed.  Worker code
- * must never touch sd-bus or the registry. */
+ * The thread puts its finished task on the pool's list and wakes the
+ * libevent loop through an eventfd, which never blocks; the completion
+ * callback then runs on the main thread, where touching the registry and
+ * D-Bus is allowed.  Worker code must never touch sd-bus or the registry. */
 #pragma once
 
 #include <event2/event.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 
 #include "shared/macro.h"
@@ -28,5 +29,10 @@ DEFINE_TRIVIAL_CLEANUP_FUNC(struct worker_pool *, worker_pool_free);
 /* Start @run(@userdata) in a new thread; @done(@userdata, r) follows on the
  * main loop.  Returns 0 or -errno (then nothing was started). */
 int worker_start(struct worker_pool *p, worker_run_fn run, worker_done_fn done, void *userdata);
+
+/* The same for a job's task: while @run runs, interruptible_sleep_msec()
+ * (shared/interrupt.h) in its thread stops early once *@cancel is true. */
+int worker_start_cancellable(struct worker_pool *p, worker_run_fn run, worker_done_fn done, void *userdata,
+                             const atomic_bool *cancel);
 
 unsigned worker_pool_running(struct worker_pool *p);

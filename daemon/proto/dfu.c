@@ -11,6 +11,7 @@
 #include <libusb.h>
 
 #include "proto/dfu.h"
+#include "shared/interrupt.h"
 #include "shared/log.h"
 #include "shared/time-util.h"
 #include "transport/usb.h"
@@ -411,23 +412,22 @@ int dfu_open(struct usb_device *usb, unsigned alt, struct dfu_device **ret) {
         return 0;
 }
 
-/* Sleep until the last bwPollTimeout has passed. */
-static void dfu_wait_quiet(struct dfu_device *d) {
-        for (;;) {
-                uint64_t now = now_usec();
-                struct timespec ts;
+/* Sleep until the last bwPollTimeout has passed, or a cancel. */
+static int dfu_wait_quiet(struct dfu_device *d) {
+        uint64_t now = now_usec();
 
-                if (now >= d->quiet_until_usec)
-                        return;
-                ts.tv_sec = (time_t) ((d->quiet_until_usec - now) / 1000000);
-                ts.tv_nsec = (long) ((d->quiet_until_usec - now) % 1000000 * 1000);
-                nanosleep(&ts, NULL);
-        }
+        if (now >= d->quiet_until_usec)
+                return 0;
+        return interruptible_sleep_msec((unsigned) ((d->quiet_until_usec - now + 999) / 1000));
 }
 
 static int dfu_request(struct dfu_device *d, uint8_t type, uint8_t request, uint16_t value,
                        void *data, uint16_t length) {
-        dfu_wait_quiet(d);
+        int r;
+
+        r = dfu_wait_quiet(d);
+        if (r < 0)
+                return r;
         return usb_control(d->usb, type, request, value, d->interface, data, length,
                            d->request_timeout_ms);
 }

@@ -17,6 +17,7 @@
 #include "proto/katapult.h"
 #include "proto/klipper.h"
 #include "proto/stream.h"
+#include "shared/interrupt.h"
 #include "shared/log.h"
 #include "shared/time-util.h"
 
@@ -45,16 +46,6 @@ static void put_le32(uint8_t *p, uint32_t v) {
 
 static const char *transport_name(const struct transport *t) {
         return strempty(t->description);
-}
-
-static void sleep_msec(unsigned ms) {
-        struct timespec ts = {
-                .tv_sec = ms / 1000,
-                .tv_nsec = (long) (ms % 1000) * 1000000L,
-        };
-
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-                ;
 }
 
 bool katapult_block_size_valid(uint32_t block_size) {
@@ -303,7 +294,9 @@ int katapult_command(struct transport *t, uint8_t cmd, const void *payload, size
                         unsigned pause = last == -EBUSY ? scaled_pause(timeout_ms, 3, 4, BUSY_PAUSE_MS_MAX)
                                                         : scaled_pause(timeout_ms, 1, 4, RETRY_PAUSE_MS_MAX);
 
-                        sleep_msec(pause);
+                        r = interruptible_sleep_msec(pause);
+                        if (r < 0)
+                                return r;
                         r = link_drain(t, scaled_pause(timeout_ms, 1, 8, RETRY_DRAIN_MS_MAX));
                         if (r < 0)
                                 return log_debug_errno(r, "%s: Katapult link lost: %m", transport_name(t));
@@ -469,8 +462,8 @@ int katapult_send_block(struct transport *t, uint32_t address, const void *data,
         for (unsigned attempt = 1; attempt <= KATAPULT_BLOCK_ATTEMPTS; attempt++) {
                 int r;
 
-                if (attempt > 1)
-                        sleep_msec(BLOCK_REATTEMPT_PAUSE_MS);
+                if (attempt > 1 && interruptible_sleep_msec(BLOCK_REATTEMPT_PAUSE_MS) < 0)
+                        return -ECANCELED;
 
                 r = katapult_command(t, KATAPULT_CMD_SEND_BLOCK, payload, 4 + block_size, KATAPULT_BLOCK_TRIES,
                                      KATAPULT_BLOCK_TIMEOUT_MS, answer);
@@ -531,8 +524,8 @@ int katapult_request_block(struct transport *t, uint32_t address, void *buf, uin
         for (unsigned attempt = 1; attempt <= KATAPULT_BLOCK_ATTEMPTS; attempt++) {
                 int r;
 
-                if (attempt > 1)
-                        sleep_msec(BLOCK_REATTEMPT_PAUSE_MS);
+                if (attempt > 1 && interruptible_sleep_msec(BLOCK_REATTEMPT_PAUSE_MS) < 0)
+                        return -ECANCELED;
 
                 r = katapult_command(t, KATAPULT_CMD_REQUEST_BLOCK, payload, sizeof(payload),
                                      KATAPULT_BLOCK_TRIES, KATAPULT_BLOCK_TIMEOUT_MS, answer);

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "proto/canbus.h"
+#include "shared/interrupt.h"
 #include "shared/log.h"
 #include "transport/can.h"
 #include "transport/fdwait.h"
@@ -34,14 +35,14 @@
 /* At most this many queued frames are discarded by one flush. */
 #define CAN_FLUSH_MAX_FRAMES 4096
 
-/* Sleep up to @ms, but not beyond @deadline.  -ETIMEDOUT once it has passed. */
+/* Sleep up to @ms, but not beyond @deadline.  -ETIMEDOUT once it has
+ * passed, -ECANCELED when the job is cancelled meanwhile. */
 static int sleep_until_retry(unsigned ms, uint64_t deadline) {
         int left = deadline_poll_timeout(deadline);
 
         if (left == 0)
                 return -ETIMEDOUT;
-        (void) poll(NULL, 0, left < 0 ? (int) ms : MIN(left, (int) ms));
-        return 0;
+        return interruptible_sleep_msec(left < 0 ? ms : MIN((unsigned) left, ms));
 }
 
 static bool ifname_is_valid(const char *ifname) {

@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "shared/interrupt.h"
 #include "shared/log.h"
 #include "transport/fdwait.h"
 #include "transport/holders.h"
@@ -437,7 +438,8 @@ static int wait_output_drained(int fd, int timeout_ms) {
                         return 0;
                 if (now_msec() >= deadline)
                         return -ETIMEDOUT;
-                (void) poll(NULL, 0, 1);
+                if (interruptible_sleep_msec(1) < 0)
+                        return -ECANCELED;
         }
 }
 

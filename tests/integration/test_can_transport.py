@@ -34,6 +34,7 @@ DAEMON_SOURCES = [
     "daemon/proto/klipper.c",
     "daemon/image/dictionary.c",
     "daemon/shared/log.c",
+    "daemon/shared/interrupt.c",
 ]
 
 CFLAGS = ["-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wshadow",

@@ -124,6 +124,15 @@ def test_linux_flash_installs_restarts_and_answers(klipper_checkout, printer_cfg
     assert not [n for n in os.listdir(os.path.dirname(h.program)) if n.startswith(".")]
     assert h.restarts() == [UNIT]
     assert h.service.started() == [OLD, HOST]
+    # Written by a transient service that may write the program's directory
+    # only (the daemon's own unit keeps /usr/local/bin read-only).
+    [(name, unit)] = h.systemd.transient_units()
+    assert name.startswith("mcuflashd-install-program-") and name.endswith(".service")
+    assert unit["Type"] == "oneshot" and unit["ProtectSystem"] == "strict"
+    assert unit["ReadWritePaths"] == [os.path.dirname(h.program)]
+    assert unit["StandardInputFileDescriptor"] == "fd" and unit["StandardOutputFileDescriptor"] == "fd"
+    [[exe, argv, _]] = unit["ExecStart"]
+    assert os.path.basename(exe) == "mcuflashd" and argv[1:] == ["--install-program=" + h.program]
     p = wait_version(dbus_client, wait_for, HOST)
     assert p["VersionMatchesHost"] == "yes"
     # The old klipper_mcu's exit was seen (its link stayed), the new one
@@ -156,6 +165,9 @@ def test_linux_flash_rolls_back_when_the_new_program_does_not_answer(klipper_che
     # The old program is back, runs and answers; the service went round twice.
     assert h.installed() == h.old_bytes
     assert h.restarts() == [UNIT, UNIT]
+    # Put back by the same kind of transient service.
+    assert [unit["ExecStart"][0][1][1] for _, unit in h.systemd.transient_units()] == [
+        "--install-program=" + h.program, "--restore-program=" + h.program]
     assert h.service.started() == [OLD, None, OLD]
     wait_version(dbus_client, wait_for, OLD)
 
@@ -233,3 +245,18 @@ def test_linux_flash_without_the_service_installs_nothing(klipper_checkout, prin
     assert "Service=" in message
     assert h.installed() == h.old_bytes
     assert systemd.calls("RestartUnit") == []
+
+
+def test_linux_install_failure_is_told_from_the_installer(klipper_checkout, printer_cfg, daemon, dbus_client,
+                                                          wait_for, ctl, tmp_path, host):
+    """What the installer (run by systemd, not by the daemon) says reaches
+    the job: here the configured Program= is a directory."""
+    h = host()
+    target = tmp_path / "usr-local-bin" / "not-a-file"
+    target.mkdir()
+    start(klipper_checkout, printer_cfg, daemon, dbus_client, wait_for, h,
+          extra="Program=%s\n" % target)
+    message = failed_flash(ctl, linux_image(tmp_path))
+    assert "is not a regular file; not replaced" in message, message
+    assert "is unchanged" in message, message
+    assert target.is_dir() and h.restarts() == []

@@ -31,7 +31,7 @@ import harness  # noqa: E402
 import usb_boot  # noqa: E402
 
 SOURCES = ["daemon/transport/usb.c", "daemon/proto/dfu.c", "daemon/proto/picoboot.c",
-           "daemon/shared/log.c"]
+           "daemon/shared/log.c", "daemon/shared/interrupt.c"]
 CFLAGS = ["-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wshadow",
           "-Wmissing-prototypes", "-Wstrict-prototypes", "-Werror", "-D_GNU_SOURCE",
           "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]

@@ -22,6 +22,16 @@ daemon/core/units.c relies on, the way systemd 252 behaves:
                          after the job delay, the final ActiveState and
                          JobRemoved(u id, o job, s unit, s result).  Unknown
                          unit: NoSuchUnit.  Invalid name: InvalidArgs.
+    StartTransientUnit(ssa(sv)a(sa(sv))) -> o
+                         a Type=oneshot service: runs ExecStart's first
+                         command (no sandbox: the properties are recorded,
+                         not applied) with StandardInput/OutputFileDescriptor
+                         as its stdin/stdout; the start job ends when it
+                         exits: "done" for status 0, else "failed".  A unit
+                         of that name that runs already: UnitExists.  The
+                         unit is inactive (or failed) afterwards.
+                         GetTransientUnits() -> s: JSON [[name, {property:
+                         value}], ...] of every one started (fds as "fd").
     Job signals are broadcast only while somebody is subscribed or the
     client that queued the job is still connected, as systemd does.
   Units (/org/freedesktop/systemd1/unit/<escaped name>, ...systemd1.Unit)
@@ -74,6 +84,7 @@ ERROR_NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 ERROR_ALREADY_SUBSCRIBED = "org.freedesktop.systemd1.AlreadySubscribed"
 ERROR_NOT_SUBSCRIBED = "org.freedesktop.systemd1.NotSubscribed"
 ERROR_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+ERROR_UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"
 
 JOB_RESULTS = ("done", "failed", "canceled", "timeout", "dependency", "skipped")
 UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\@-]+\.(service|socket|target|device|mount|automount|"
@@ -106,6 +117,7 @@ def load(mock, parameters):
     mock.hanging_jobs = []
     mock.next_job_id = 1
     mock.subscribers = set()
+    mock.transient = []             # [(name, {property: value})]
     mock.AddProperties(MAIN_IFACE, {"Version": "252", "Virtualization": ""})
     for name, state in dict(parameters.get("units", {})).items():
         _add_unit(mock, str(name), str(state))
@@ -258,6 +270,83 @@ def RestartUnit(self, name, mode, sender=None):
     return _queue_job(self, name, "start", sender)
 
 
+def _plain_property(value):
+    if isinstance(value, dbus.types.UnixFd):
+        return "fd"
+    return _plain(value)
+
+
+@dbus.service.method(MAIN_IFACE, in_signature="ssa(sv)a(sa(sv))", out_signature="o", sender_keyword="sender")
+def StartTransientUnit(self, name, mode, properties, aux, sender=None):
+    name = str(name)
+    props = {str(k): v for k, v in properties}
+    plain = {k: _plain_property(v) for k, v in props.items()}
+    # dbusmock's call log cannot hand out fds: record them as "fd".
+    for i in range(len(self.call_log) - 1, -1, -1):
+        if self.call_log[i][1] == "StartTransientUnit":
+            self.call_log[i] = (self.call_log[i][0], "StartTransientUnit", [name, str(mode), json.dumps(plain)])
+            break
+    _check_name(name)
+    if name in self.units and self.units[name].get("running"):
+        raise dbus.exceptions.DBusException("Unit %s was already loaded or has a fragment file." % name,
+                                            name=ERROR_UNIT_EXISTS)
+    if props.get("Type", "simple") != "oneshot" or "ExecStart" not in props:
+        raise dbus.exceptions.DBusException("mock: only Type=oneshot with ExecStart= is modelled",
+                                            name=ERROR_INVALID_ARGS)
+    path, argv, _ignore = props["ExecStart"][0]
+    fds = {}
+    for key in ("StandardInputFileDescriptor", "StandardOutputFileDescriptor"):
+        if key in props:
+            fds[key] = props[key].take()
+    self.transient.append((name, plain))
+    _add_unit(self, name, "inactive")
+    self.units[name]["running"] = True
+    job = {
+        "id": self.next_job_id,
+        "path": "%s/job/%d" % (MAIN_OBJ, self.next_job_id),
+        "unit": name,
+        "kind": "start",
+        "result": "done",
+        "previous": "inactive",
+        "requester": sender,
+    }
+    self.next_job_id += 1
+    _set_state(self, name, "activating")
+    if _job_signal_wanted(self, sender):
+        self.EmitSignal(MAIN_IFACE, "JobNew", "uos", [dbus.UInt32(job["id"]), dbus.ObjectPath(job["path"]), name])
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    try:
+        proc = subprocess.Popen([str(a) for a in argv], executable=str(path), env=env, cwd="/",
+                                stdin=fds.get("StandardInputFileDescriptor", subprocess.DEVNULL),
+                                stdout=fds.get("StandardOutputFileDescriptor", subprocess.DEVNULL))
+    except OSError:
+        proc = None
+    for fd in fds.values():
+        os.close(fd)
+
+    def exited(code):
+        job["result"] = "done" if code == 0 else "failed"
+        self.units[name]["running"] = False
+        _finish_job(self, job)
+        # A oneshot service is inactive (or failed) once its command ended.
+        _set_state(self, name, "inactive" if code == 0 else "failed")
+        return False
+    if proc is None:
+        GLib.idle_add(exited, 203)      # systemd's EXIT_EXEC
+    else:
+        # Reaped by Popen only (a GLib child watch would race with Popen's
+        # own waitpid and could see a failed command as status 0).
+        def poll():
+            return True if proc.poll() is None else exited(proc.returncode)
+        GLib.timeout_add(20, poll)
+    return dbus.ObjectPath(job["path"])
+
+
+@dbus.service.method(MOCK_IFACE, in_signature="", out_signature="s")
+def GetTransientUnits(self):
+    return json.dumps(self.transient)
+
+
 @dbus.service.method(MOCK_IFACE, in_signature="ss", out_signature="")
 def AddUnit(self, name, active_state):
     _add_unit(self, str(name), str(active_state))
@@ -377,6 +466,10 @@ class SystemdMock:
 
     def finish_hanging_jobs(self):
         self._mock("FinishHangingJobs", signature="")
+
+    def transient_units(self):
+        """[(name, {property: value})] of every StartTransientUnit, in order."""
+        return [(n, p) for n, p in json.loads(str(self._mock("GetTransientUnits", signature="")))]
 
     def subscribers(self):
         return [str(s) for s in self._mock("GetSubscribers", signature="")]
