@@ -141,6 +141,8 @@ static void run_session(const uint8_t *data, size_t size) {
         int r;
 
         fuzz_transport_init(&t, data, size);
+        t.frame_end = "\x99\x03";
+        t.frame_end_len = 2;
         r = katapult_prime(&t.transport);
         if (r < 0)
                 return;

@@ -58,12 +58,17 @@ static inline size_t fuzz_touch_string(const char *s) {
 
 /* read() hands out the input in chunks of varying size (1, 7, 64, 3, 256,
  * … bytes: frames get split at every kind of boundary), then -ENODEV, as an
- * unplugged device would; write() and flush() succeed and are counted. */
+ * unplugged device would; write() and flush() succeed and are counted.
+ * With a @frame_end (Katapult's "99 03"), a chunk also ends after the next
+ * occurrence of it: a device answers one command at a time, so one read
+ * never holds the answer to the next command too. */
 struct fuzz_transport {
         struct transport transport;
         const uint8_t *data;
         size_t size;
         size_t pos;
+        const void *frame_end;
+        size_t frame_end_len;
         unsigned n_reads;
         unsigned n_writes;
 };
@@ -81,6 +86,14 @@ static inline ssize_t fuzz_transport_read(struct transport *t, void *buf, size_t
                 n = len;
         if (n > f->size - f->pos)
                 n = f->size - f->pos;
+        if (f->frame_end_len > 0) {
+                /* The marker may have begun in the previous chunk. */
+                size_t from = f->pos >= f->frame_end_len - 1 ? f->pos - (f->frame_end_len - 1) : 0;
+                const uint8_t *hit = memmem(f->data + from, f->pos + n - from, f->frame_end, f->frame_end_len);
+
+                if (hit)
+                        n = (size_t) (hit - f->data) + f->frame_end_len - f->pos;
+        }
         memcpy(buf, f->data + f->pos, n);
         f->pos += n;
         return (ssize_t) n;
