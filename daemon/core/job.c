@@ -286,7 +286,10 @@ static void job_task_done(void *userdata, int result) {
                 return;
         }
         done(j, result);
-        if (j->n_workers == 0 && job_is_finished(j))
+        /* Concluded while this task was out (job_conclude() left the work
+         * to the last task): drop it now.  Not merely finished: a finished
+         * job may still be starting Klipper again through its unit_op. */
+        if (j->n_workers == 0 && j->phase_id == JOB_PHASE_DONE)
                 job_drop_work(j);
 }
 

@@ -227,6 +227,17 @@ static int mcu_section_name(const char *header, size_t len, char **ret) {
 static ssize_t parser_find_or_add_section(struct parser *p, char *name) {
         struct section *grown;
 
+        /* Names go to D-Bus as valid UTF-8.  Cleaned here, before sections
+         * of one name are merged: two headers that differ only in invalid
+         * bytes are one section, as their names on the bus are one. */
+        if (!utf8_is_valid(name)) {
+                char *clean = utf8_sanitize(name);
+
+                free(name);
+                if (!clean)
+                        return -ENOMEM;
+                name = clean;
+        }
         for (size_t i = 0; i < p->n_sections; i++)
                 if (streq(p->sections[i].name, name)) {
                         free(name);
@@ -950,9 +961,10 @@ static int section_get(const struct section *s, const char *key, char **ret) {
 static int mcu_from_section(struct parser *p, const struct section *s, struct printercfg_mcu *m) {
         _cleanup_free_ char *baud = NULL;
 
-        /* The name goes to D-Bus: valid UTF-8.  The other values are
-         * compared with device paths and ids and stay as written. */
-        m->name = utf8_sanitize(s->name);
+        /* The name is valid UTF-8 already (parser_find_or_add_section());
+         * the other values are compared with device paths and ids and stay
+         * as written. */
+        m->name = strdup(s->name);
         if (!m->name)
                 return -ENOMEM;
         if (section_get(s, "serial", &m->serial) < 0 ||

@@ -389,6 +389,8 @@ void reboot_mcu_changed(struct job *j, struct mcu *m) {
                 reboot_stayed_in_bootloader(j, m);
 }
 
+#define REBOOT_SHUTDOWN_WAIT_USEC (5ULL * 1000 * 1000)
+
 int reboot_cancel(struct job *j) {
         struct reboot *rb = j->data;
         struct mcu *m = job_mcu(j);
@@ -397,10 +399,17 @@ int reboot_cancel(struct job *j) {
         if (rb->worker_running)
                 return -EBUSY;  /* the request is on its way; stops right after */
         /* When the daemon stops, an MCU that was sent somewhere is let to
-         * arrive (or the step to time out), so that where it is left is
-         * known: not cut off while it re-enumerates. */
-        if (j->shutting_down && j->timer)
+         * arrive, so that where it is left is known: not cut off while it
+         * re-enumerates.  But for a few seconds at most, not the whole
+         * BootloaderTimeoutSec: a board that never comes is not worth
+         * holding up a stop (or a restart) for; the log then says it was
+         * not seen again. */
+        if (j->shutting_down && j->timer) {
+                if (j->daemon->config->bootloader_timeout_usec > REBOOT_SHUTDOWN_WAIT_USEC &&
+                    job_arm_timeout(j, REBOOT_SHUTDOWN_WAIT_USEC, on_reboot_timeout) < 0)
+                        log_oom();
                 return -EBUSY;
+        }
         reboot_stop_rescans(rb);
         describe_mcu(m, where, sizeof(where));
         job_finish(j, JOB_STATE_CANCELLED, MCUFLASH_ERROR_CANCELLED, "Cancelled while waiting; %s.", where);

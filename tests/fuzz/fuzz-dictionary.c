@@ -29,6 +29,7 @@ static void check_dict(const struct klipper_dict *d) {
         fuzz_touch_string(d->version);
         fuzz_touch_string(d->build_versions);
         fuzz_touch_string(d->mcu);
+        fuzz_touch_string(d->kconfig);
         if (d->config)
                 fuzz_check(json_object_is_type(d->config, json_type_object));
         else
@@ -98,9 +99,9 @@ static void scan_image(const uint8_t *data, size_t size) {
 
         /* The scan only takes what the parser takes: our stream, or one
          * the text itself holds (deflate stores incompressible bytes as
-         * they are). */
+         * they are): a zlib or a bzip2 stream. */
         usable = klipper_dict_parse_compressed(z, z_len, IMAGE_DICT_MAX_SIZE, &direct) == 0;
-        fuzz_check(usable || memmem(data, size, "\x78\xda", 2));
+        fuzz_check(usable || memmem(data, size, "\x78\xda", 2) || memmem(data, size, "BZh", 3));
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

@@ -9,6 +9,7 @@ here in the shapes the unit tests use.  The seeds are committed; run this
 again (/usr/bin/python3 tests/fuzz/make-seeds.py) after changing it.
 """
 
+import bz2
 import json
 import os
 import shutil
@@ -64,6 +65,11 @@ def dictionary_seeds():
         {"version": "v0.9.1-5-g1234567", "commands": {}, "config": {"MCU": "atmega2560",
                                                                   "CLOCK_FREQ": "16000000"}}).encode())
     write("dictionary", "embedded", b"\x03" + small.encode())
+    # Kalico: bzip2, with the embedded build config (protocols.md §15.5).
+    kalico = json.loads(small)
+    kalico.update(app="Kalico", kconfig="CONFIG_MACH_STM32=y\nCONFIG_MACH_STM32G0B1=y\n"
+                  "CONFIG_STM32_FLASH_START_2000=y\n")
+    write("dictionary", "bzip2-kalico-kconfig", b"\x00" + bz2.compress(json.dumps(kalico).encode(), 9))
 
 
 def klipper_seeds():
@@ -128,6 +134,9 @@ def klippy_seeds():
 
 
 def printercfg_seeds():
+    # Found by this fuzzer: headers that differ only in invalid UTF-8 bytes.
+    write("printercfg", "utf8-duplicate-sections",
+          b"[mcu \xff]\nserial: /dev/ttyACM0\n[mcu \xfe]\nbaud: 115200\n")
     write("printercfg", "voron", """\
 # This file contains common pin mappings for a printer.
 [include extra.cfg]

@@ -705,6 +705,18 @@ static void test_utf8_names(void **state) {
         assert_string_equal(p->mcus[1].name, "mcu Düse");
 }
 
+/* Headers that differ only in invalid bytes name one section on the bus,
+ * so they are one section (found by the printer.cfg fuzzer). */
+static void test_utf8_names_merge(void **state) {
+        _cleanup_(printercfg_freep) struct printercfg *p = NULL;
+
+        p = load(*state, "[mcu \xff]\nserial: /dev/ttyACM0\n[mcu \xfe]\nbaud: 115200\n");
+        assert_int_equal(p->n_mcus, 1);
+        assert_string_equal(p->mcus[0].name, "mcu \xEF\xBF\xBD");
+        assert_string_equal(p->mcus[0].serial, "/dev/ttyACM0");
+        assert_int_equal(p->mcus[0].baud, 115200);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 unit_test_in_tmpdir(test_mcu_sections),
@@ -735,6 +747,7 @@ int main(void) {
                 unit_test_in_tmpdir(test_reader_uid_given),
                 unit_test_in_tmpdir(test_cancel),
                 unit_test_in_tmpdir(test_utf8_names),
+                unit_test_in_tmpdir(test_utf8_names_merge),
         };
 
         return cmocka_run_group_tests_name("printercfg", tests, NULL, NULL);
