@@ -6,7 +6,7 @@ MCUFLASHD_PACKAGES="meson ninja-build pkg-config gcc libc6-dev
   libsystemd-dev libudev-dev libusb-1.0-0-dev libsocketcan-dev libjson-c-dev libevent-dev zlib1g-dev
   libgit2-dev libbz2-dev
   umockdev libumockdev-dev gir1.2-umockdev-1.0 dbus-daemon libglib2.0-bin
-  python3-gi python3-dbus python3-dbusmock python3-serial python3-pytest
+  python3-gi python3-dbus python3-dbusmock python3-serial python3-pytest python3-pytest-timeout
   libcmocka-dev scdoc libxml2-utils systemd git can-utils dfu-util
   gcc-arm-none-eabi binutils-arm-none-eabi clang-14 libclang-rt-14-dev"
 
