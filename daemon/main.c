@@ -8,6 +8,7 @@
 
 #include "core/daemon.h"
 #include "core/flash-internal.h"
+#include "core/version.h"
 #include "shared/log.h"
 #include "build-config.h"
 
@@ -36,6 +37,10 @@ int main(int argc, char *argv[]) {
         _cleanup_(daemon_freep) struct daemon *d = NULL;
         const char *config_path = NULL;
         int c, r;
+
+        /* Internal: the child that reads the Klipper checkout (core/version-host.c). */
+        if (argc == 3 && streq(argv[1], VERSION_DESCRIBE_ARG))
+                version_describe_checkout_main(argv[2]);
 
         while ((c = getopt_long(argc, argv, "c:vh", options, NULL)) >= 0) {
                 switch (c) {

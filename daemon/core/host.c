@@ -147,6 +147,14 @@ static void host_release_mcus(struct daemon *d) {
 }
 
 void daemon_host_printercfg_changed(struct daemon *d) {
+        const struct klippy_status *st = d->klippy ? klippy_client_status(d->klippy) : NULL;
+
+        /* klippy names its MCUs after printer.cfg's sections: what it said
+         * of them before the names were read (klippy answers quicker than a
+         * printer.cfg is read) goes to them now. */
+        if (st && st->connected)
+                for (size_t i = 0; i < st->n_mcus; i++)
+                        host_apply_mcu(d, &st->mcus[i]);
         /* printer.cfg names the CAN nodes worth asking for, too. */
         host_release_mcus(d);
 }

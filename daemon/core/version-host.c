@@ -31,7 +31,9 @@
  * elsewhere (core.worktree, a "gitdir:" file) reveals no more than a tag
  * name and whether files differ.
  *
- * All of it happens in a child process forked for the purpose, killed after
+ * All of it happens in a child process started for the purpose (the
+ * daemon's own program again, VERSION_DESCRIBE_ARG: a plain fork() of a
+ * threaded daemon can inherit a held lock), killed after
  * a timeout: libgit2 cannot be interrupted, and the owner of the checkout
  * could make any file in .git a FIFO that blocks a read forever.  Setting the
  * libgit2 option in the child also keeps it out of the daemon itself.
@@ -270,6 +272,13 @@ static void write_all(int fd, const char *s) {
 
 /* The child's whole life: "ok <version>\n" or "error <message>\n" on @fd. */
 _noreturn_
+static void describe_child(const char *path, int fd);
+
+int version_describe_checkout_main(const char *path) {
+        describe_child(path, STDOUT_FILENO);
+}
+
+_noreturn_
 static void describe_child(const char *path, int fd) {
         const git_error *e;
         char *out = NULL;
@@ -386,7 +395,13 @@ static int describe_checkout(const char *path, unsigned timeout_msec, char **ret
                 (void) close_range(3, ~0U, 0);
                 (void) sigprocmask(SIG_SETMASK, &empty_mask, NULL);
                 (void) signal(SIGPIPE, SIG_DFL);
-                describe_child(path, STDOUT_FILENO);
+                /* A fresh program, not this fork: the daemon has threads,
+                 * and a lock one of them held at fork() (seen: libgit2
+                 * hung in such a child) stays held in the copy for ever.
+                 * The running program's own file, which answers
+                 * VERSION_DESCRIBE_ARG (mcuflashd's main(), test-version). */
+                execl("/proc/self/exe", "mcuflashd", VERSION_DESCRIBE_ARG, path, (char *) NULL);
+                _exit(EXIT_FAILURE);
         }
         out_write = safe_close(out_write);
 

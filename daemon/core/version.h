@@ -5,6 +5,8 @@
  * klippy/.version; version-host.c). */
 #pragma once
 
+#include "shared/macro.h"
+
 #include <stdbool.h>
 
 enum version_match {
@@ -59,3 +61,10 @@ int version_read_host(const char *klipper_path, char **ret);
 /* The same with another timeout for reading the repository (version_read_host
  * uses 5 s). */
 int version_read_host_with_timeout(const char *klipper_path, unsigned timeout_msec, char **ret);
+
+/* The checkout is read by a child that runs the reading program again with
+ * VERSION_DESCRIBE_ARG PATH: its main() must hand those to
+ * version_describe_checkout_main(), which prints "ok <version>" or
+ * "error <message>" on stdout and exits. */
+#define VERSION_DESCRIBE_ARG "--describe-checkout"
+_noreturn_ int version_describe_checkout_main(const char *path);
