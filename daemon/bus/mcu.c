@@ -74,33 +74,39 @@ static int refresh_error(struct mcu *m, int r, sd_bus_error *error) {
         return r;
 }
 
-/* Identify @m for the calls waiting; they are answered now unless an
- * identify runs (then bus_mcu_complete_refresh() answers them). */
-static void refresh_start(struct daemon *d, struct mcu *m) {
-        int r;
-
-        m->refresh_last_usec = now_usec();
-        r = daemon_refresh_mcu(d, m);
-        if (r == 0)
-                return;
+/* Answer every waiting Refresh call of @m: success, or @error. */
+static void refresh_answer_all(struct daemon *d, struct mcu *m, const sd_bus_error *error) {
         for (size_t i = 0; i < m->n_pending_refresh; i++) {
-                _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
                 sd_bus_message *msg = m->pending_refresh[i];
 
-                if (r > 0)
+                if (error)
+                        (void) sd_bus_reply_method_error(msg, error);
+                else
                         (void) sd_bus_reply_method_return(msg, NULL);
-                else {
-                        (void) refresh_error(m, r, &error);
-                        if (!sd_bus_error_is_set(&error))
-                                sd_bus_error_set_errno(&error, r);
-                        (void) sd_bus_reply_method_error(msg, &error);
-                }
                 sd_bus_message_unref(msg);
         }
         free(m->pending_refresh);
         m->pending_refresh = NULL;
         m->n_pending_refresh = 0;
         bus_kick(d);
+}
+
+/* Identify @m for the calls waiting; they are answered now unless an
+ * identify runs (then bus_mcu_complete_refresh() answers them). */
+static void refresh_start(struct daemon *d, struct mcu *m) {
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        int r;
+
+        m->refresh_last_usec = now_usec();
+        r = daemon_refresh_mcu(d, m);
+        if (r == 0)
+                return;
+        if (r < 0) {
+                (void) refresh_error(m, r, &error);
+                if (!sd_bus_error_is_set(&error))
+                        sd_bus_error_set_errno(&error, r);
+        }
+        refresh_answer_all(d, m, r < 0 ? &error : NULL);
 }
 
 static void on_refresh_due(evutil_socket_t fd, short what, void *userdata) {
@@ -147,27 +153,17 @@ static int method_refresh(sd_bus_message *msg, void *userdata, sd_bus_error *err
 }
 
 void bus_mcu_complete_refresh(struct daemon *d, struct mcu *m, int result) {
-        for (size_t i = 0; i < m->n_pending_refresh; i++) {
-                sd_bus_message *msg = m->pending_refresh[i];
-                _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
+        _cleanup_(sd_bus_error_free) sd_bus_error error = SD_BUS_ERROR_NULL;
 
-                if (result >= 0)
-                        (void) sd_bus_reply_method_return(msg, NULL);
-                else {
-                        _cleanup_free_ char *text = NULL;
+        if (result < 0) {
+                _cleanup_free_ char *text = NULL;
 
-                        if (asprintf(&text, "MCU %s: %s", m->id,
-                                     isempty(m->state_reason) ? strerror(-result) : m->state_reason) < 0)
-                                text = NULL;
-                        (void) bus_error_from_errno(&error, result, text ?: "identify failed");
-                        (void) sd_bus_reply_method_error(msg, &error);
-                }
-                sd_bus_message_unref(msg);
+                if (asprintf(&text, "MCU %s: %s", m->id,
+                             isempty(m->state_reason) ? strerror(-result) : m->state_reason) < 0)
+                        text = NULL;
+                (void) bus_error_from_errno(&error, result, text ?: "identify failed");
         }
-        free(m->pending_refresh);
-        m->pending_refresh = NULL;
-        m->n_pending_refresh = 0;
-        bus_kick(d);
+        refresh_answer_all(d, m, result < 0 ? &error : NULL);
 }
 
 /* ---- RebootToBootloader / RebootToApplication / Flash -------------------- */
